@@ -1,0 +1,1 @@
+"""Concurrent Adversarial Learning (ConAdv) for large-batch training in JAX."""

@@ -1,0 +1,162 @@
+"""ResNets (v1.5) for ImageNet and a CIFAR-style ResNet for small images, in Flax linen.
+
+Why linen: ConAdv keeps several things per step that all read the same weights (the clean and the
+adversarial forward, the attack), and DisAdv/ConAdv comparisons want parameter versions side by
+side. Linen keeps parameters and BN statistics as plain pytrees outside the module, so they can
+be passed, stacked, sharded and checkpointed as data; NNX's mutable objects would have to be
+split back into exactly that form for every `jit` and `grad` here.
+
+Every model takes raw pixels on the 0-255 scale and normalises inside, so attack budgets are in
+pixels. Calls take `train` (batch statistics vs running averages) and `branch` (which BN set).
+"""
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from conadv_jax import norm
+
+# Per-channel mean and std on the 0-255 scale.
+PIXEL_STATS = {
+    "imagenet2012": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "cifar10": ((125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
+    "fashion_mnist": ((72.94,), (90.02,)),
+    "synthetic": ((127.5,), (73.6,)),  # Uniform 0-255 noise.
+}
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34 and the small ResNet)."""
+  filters: int
+  strides: int
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, branch: str):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = nn.relu(self.norm()(y, train=train, branch=branch))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y, train=train, branch=branch)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual, train=train, branch=branch)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1, 3x3 (strided: v1.5), 1x1 with 4x expansion (ResNet-50 and deeper)."""
+  filters: int
+  strides: int
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, branch: str):
+    residual = x
+    y = self.conv(self.filters, (1, 1))(x)
+    y = nn.relu(self.norm()(y, train=train, branch=branch))
+    y = self.conv(self.filters, (3, 3), self.strides)(y)
+    y = nn.relu(self.norm()(y, train=train, branch=branch))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y, train=train, branch=branch)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="proj_conv")(residual)
+      residual = self.norm(name="proj_bn")(residual, train=train, branch=branch)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet v1.5 (ImageNet stem) or CIFAR-style (3x3 stem, no pooling) when `small_inputs`."""
+  stage_sizes: Sequence[int]
+  block_cls: Any
+  num_classes: int
+  width: int = 64
+  small_inputs: bool = False
+  pixel_mean: Sequence[float] = PIXEL_STATS["imagenet2012"][0]
+  pixel_std: Sequence[float] = PIXEL_STATS["imagenet2012"][1]
+  bn_branches: Sequence[str] = (norm.MAIN, norm.ADV)
+  bn_group_size: int | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, branch: str = norm.MAIN):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    norm_layer = functools.partial(norm.BranchBatchNorm, branches=tuple(self.bn_branches),
+                                   group_size=self.bn_group_size, dtype=self.dtype)
+    x = (x - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
+    x = x.astype(self.dtype)
+    if self.small_inputs:
+      x = conv(self.width, (3, 3), name="stem_conv")(x)
+    else:
+      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+    x = nn.relu(norm_layer(name="stem_bn")(x, train=train, branch=branch))
+    if not self.small_inputs:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = self.block_cls(self.width * 2**stage, strides, conv, norm_layer)(
+            x, train=train, branch=branch)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+_IMAGENET_RESNETS = {
+    "ResNet18": ([2, 2, 2, 2], BasicBlock),
+    "ResNet34": ([3, 4, 6, 3], BasicBlock),
+    "ResNet50": ([3, 4, 6, 3], BottleneckBlock),
+    "ResNet101": ([3, 4, 23, 3], BottleneckBlock),
+    "ResNet152": ([3, 8, 36, 3], BottleneckBlock),
+    "ResNet200": ([3, 24, 36, 3], BottleneckBlock),
+}
+MODEL_NAMES = (*_IMAGENET_RESNETS, "SmallResNet")
+SMALL_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
+
+
+def create_model(name: str, *, num_classes: int, dataset: str = "imagenet2012",
+                 dtype: str = "float32", bn_group_size: int | None = None,
+                 adv_bn: str = "separate", small_resnet_depth: int = 20,
+                 small_resnet_width: int = 16) -> ResNet:
+  """Builds a model by name; `bn_group_size` None/0 normalises over the whole batch it sees."""
+  if adv_bn not in ("separate", "shared"):
+    raise ValueError(f"adv_bn={adv_bn!r}: use 'separate' or 'shared'.")
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'.")
+  mean, std = PIXEL_STATS.get(dataset, PIXEL_STATS["imagenet2012"])
+  common = dict(num_classes=num_classes, pixel_mean=mean, pixel_std=std,
+                bn_branches=(norm.MAIN, norm.ADV) if adv_bn == "separate" else (norm.MAIN,),
+                bn_group_size=bn_group_size or None, dtype=jnp.dtype(dtype))
+  if name in _IMAGENET_RESNETS:
+    stages, block = _IMAGENET_RESNETS[name]
+    return ResNet(stage_sizes=stages, block_cls=block, **common)
+  if name == "SmallResNet":
+    if small_resnet_depth not in SMALL_RESNET_DEPTHS:
+      raise ValueError(f"small_resnet_depth={small_resnet_depth}: must be 6n+2, one of "
+                       f"{SMALL_RESNET_DEPTHS}.")
+    n = (small_resnet_depth - 2) // 6
+    return ResNet(stage_sizes=[n, n, n], block_cls=BasicBlock, width=small_resnet_width,
+                  small_inputs=True, **common)
+  raise ValueError(f"model={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}.")
+
+
+def per_device_bn_group_size(bn_group_size: int | None, global_batch: int,
+                             num_devices: int) -> int:
+  """Resolves the config's bn_group_size: 0/None means the whole per-device batch."""
+  return bn_group_size or global_batch // num_devices
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int,
+                             num_devices: int) -> ResNet:
+  """The model a config describes, with BN groups resolved for `num_devices`."""
+  return create_model(
+      config.model, num_classes=num_classes, dataset=config.dataset, dtype=config.dtype,
+      bn_group_size=per_device_bn_group_size(config.bn_group_size, config.batch_size,
+                                             num_devices),
+      adv_bn=config.adv_bn, small_resnet_depth=config.small_resnet_depth,
+      small_resnet_width=config.small_resnet_width)

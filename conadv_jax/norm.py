@@ -1,0 +1,95 @@
+"""Batch norm with per-branch statistics and ghost (grouped) statistics.
+
+Two things large-batch adversarial training needs that `flax.linen.BatchNorm` does not give:
+
+* Ghost BN: statistics over groups of `group_size` examples, by reshaping the batch axis. Under
+  `jit` with a batch sharded over devices, a plain BatchNorm normalises over the *global* batch
+  (an all-reduce per layer) and its result changes with the data layout; a fixed group size makes
+  the result independent of how many devices share the batch, and keeps the reduction local when
+  the group size divides the per-device batch.
+* Branches (AdvProp's auxiliary BN): clean examples use the "main" BN, adversarial ones the "adv"
+  BN, each with its own scale, bias and running averages. Evaluation uses "main" only.
+"""
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MAIN = "main"
+ADV = "adv"
+
+
+class GhostBatchNorm(nn.Module):
+  """BatchNorm whose training statistics come from groups of `group_size` examples.
+
+  Attributes:
+    group_size: examples per statistics group; None normalises over the whole batch this call
+      sees (under `jit`, the global batch).
+    momentum: decay of the running averages.
+    epsilon: added to the variance.
+    dtype: output dtype; statistics are always computed in float32.
+    scale_init: initialiser of the scale (zeros for the last BN of a residual block).
+  """
+  group_size: int | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+    if use_running_average:
+      mean, var = running_mean.value, running_var.value
+      y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      batch = x.shape[0]
+      group = self.group_size or batch
+      if batch % group:
+        raise ValueError(f"BatchNorm: batch of {batch} examples is not divisible into groups of "
+                         f"bn_group_size={group}; pick a bn_group_size that divides it.")
+      grouped = x.astype(jnp.float32).reshape((batch // group, group) + x.shape[1:])
+      reduce_axes = tuple(range(1, grouped.ndim - 1))
+      mean = grouped.mean(reduce_axes, keepdims=True)
+      var = jnp.square(grouped - mean).mean(reduce_axes, keepdims=True)
+      y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        flat = (-1, features)
+        running_mean.value = (self.momentum * running_mean.value +
+                              (1 - self.momentum) * mean.reshape(flat).mean(0))
+        running_var.value = (self.momentum * running_var.value +
+                             (1 - self.momentum) * var.reshape(flat).mean(0))
+    return (y * scale + bias).astype(self.dtype)
+
+
+class BranchBatchNorm(nn.Module):
+  """One GhostBatchNorm per branch; a branch not in `branches` falls back to the first one.
+
+  With branches=("main",) the adversarial examples share the clean BN ("shared"); with
+  ("main", "adv") they get their own ("separate").
+  """
+  branches: Sequence[str] = (MAIN, ADV)
+  group_size: int | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, branch: str = MAIN) -> jax.Array:
+    norms = {
+        b: GhostBatchNorm(self.group_size, self.momentum, self.epsilon, self.dtype,
+                          self.scale_init, name=f"bn_{b}") for b in self.branches
+    }
+    if self.is_initializing():  # Create every branch's variables, whichever branch is asked for.
+      for norm in norms.values():
+        norm(x, use_running_average=not train)
+    chosen = norms.get(branch, norms[self.branches[0]])
+    return chosen(x, use_running_average=not train)

@@ -1,0 +1,77 @@
+"""Base configuration: every field a run reads, with its default.
+
+Other config files start from `get_config()` here and override what differs. Field names are a
+contract that researchers sweep over (`--config.staleness=2`); rename none of them.
+
+Usage (trains the default small ResNet with ConAdv on Fashion-MNIST, as configs/fashion_mnist.py):
+  python main.py --config=configs/default.py --workdir=/tmp/conadv_default
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base config; see the module docstring."""
+  config = ml_collections.ConfigDict()
+
+  # Data. `data_dir` is the TFDS data dir (None: TFDS's default). For fashion_mnist it may also be
+  # a folder holding the four original IDX .gz files.
+  config.dataset = "fashion_mnist"  # fashion_mnist | cifar10 | imagenet2012 | synthetic
+  config.data_dir = None
+  config.image_size = 0  # 0: the dataset's native size (28 for fashion_mnist, 32 for cifar10).
+  config.cache = False  # Cache decoded examples in host RAM (ImageNet needs ~150 GB per host).
+  config.shuffle_buffer_size = 16_384
+  config.eval_batch_size = 1_000  # Global; the last batch is padded and masked.
+  # synthetic only: how many examples, how many classes, and image side.
+  config.synthetic_num_examples = 4_096
+  config.synthetic_num_classes = 10
+
+  # Model. `model` is a ResNet name (ResNet18 ... ResNet200) or SmallResNet (28x28 / 32x32).
+  config.model = "SmallResNet"
+  config.small_resnet_depth = 8  # 6n+2 layers: 8, 14, 20, 32, 44, 56.
+  config.small_resnet_width = 16  # Channels of the first stage; doubled per stage.
+  config.dtype = "float32"  # Compute dtype: float32 | bfloat16. Parameters stay float32.
+  config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device batch.
+  config.adv_bn = "separate"  # separate | shared: BN of the adversarial branch.
+
+  # Method. vanilla: clean gradient; disadv: attack(θ_t, x_t) then gradient (two sequential
+  # passes); conadv: Algorithm 1 with `staleness` τ >= 1 (τ = 0 would be disadv).
+  config.method = "conadv"
+  config.staleness = 1
+  config.clean_weight = 1.0
+  config.adv_weight = 1.0
+  config.label_smoothing = 0.0
+
+  # Attack: L∞ PGD on the 0-255 pixel scale (reference defaults: one targeted step, ε = step = 9).
+  config.attack = ml_collections.ConfigDict()
+  config.attack.epsilon = 9.0
+  config.attack.step_size = 9.0
+  config.attack.num_steps = 1
+  config.attack.random_start_prob = 0.8
+  config.attack.targeted = True
+
+  # Optimisation. `batch_size` is the global number of clean examples per step. `learning_rate`
+  # is the peak learning rate as given (no implicit scaling with the batch size).
+  config.batch_size = 256
+  config.num_epochs = 5.0
+  config.num_train_steps = -1  # -1: derive from num_epochs; a positive value overrides it.
+  config.optimizer = "sgd"  # lars | sgd | lamb
+  config.learning_rate = 0.1
+  config.warmup_epochs = 1.0
+  config.lr_schedule = "cosine"  # cosine | polynomial
+  config.lr_decay_power = 2.0  # polynomial only.
+  config.end_learning_rate = 0.0
+  config.weight_decay = 5e-4
+  config.momentum = 0.9
+  config.nesterov = True  # sgd only.
+  config.lars_trust_coefficient = 0.001
+  config.lars_eps = 0.0
+
+  # Loop.
+  config.seed = 0
+  config.log_every_steps = 50
+  config.eval_every_steps = -1  # -1: once per epoch.
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.eval_adversarial = True  # Also report accuracy under the training attack.
+  config.prefetch_to_device = 2
+  return config
