@@ -148,7 +148,7 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: M
         state.params, state.batch_stats, batch, adv_images)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics |= {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+    metrics |= {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -1,0 +1,243 @@
+"""Optimizers, learning-rate schedules and the ImageNet large-batch recipe.
+
+Three optimizers are built from optax (`config.optimizer`):
+
+* `lars`: `optax.lars` with both masks set by `decay_mask`, so batch-norm scales/biases (of every
+  BN branch) and biases get neither weight decay nor the trust ratio, as in the reference code.
+* `sgd`: masked L2 weight decay, then momentum SGD (Nesterov if `config.nesterov`).
+* `lamb`: Adam moments, masked weight decay and a masked trust ratio (optax's own `lamb` cannot
+  exclude parameters from the trust ratio, so it is composed from optax's building blocks).
+
+LARS trust ratio used here (optax 0.2.8 `scale_by_trust_ratio`, checked against its source).
+Per parameter tensor w with gradient g, weight decay wd, trust coefficient c and epsilon e:
+
+    u     = g + wd * w                       (decay is added to the gradient first)
+    trust = c * ||w|| / (||u|| + e)          (Frobenius norms of the whole tensor)
+    trust = 1   if ||w|| == 0 or ||u|| == 0  (a zero norm disables the rescaling)
+    v     = momentum * v + lr * trust * u    (momentum accumulates lr-scaled steps)
+    w     = w - v
+
+TF/MLPerf LARS (the reference code's `LARSOptimizer`) instead uses
+`trust = c * ||w|| / (||g|| + wd * ||w|| + e)`, with the same fallback of 1 when ||w|| or ||g||
+is 0, and the same update `lr * trust * (g + wd * w)` through the momentum. By the triangle
+inequality ||g + wd*w|| <= ||g|| + wd*||w||, so optax's trust ratio is never smaller than TF's; with
+e = 0 optax's step has norm exactly lr * c * ||w||. The two agree when g and w are parallel or
+wd = 0. This project uses optax's form. Note the fallback: a kernel whose norm is 0 (e.g. a
+zero-initialised one) gets a plain `lr * g` step, with the full LARS peak LR (10 to 43).
+"""
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import optax
+
+OPTIMIZERS = ("lars", "sgd", "lamb")
+SCHEDULES = ("cosine", "polynomial")
+
+# LAMB's second-moment decay and epsilon (no config fields; optax's `lamb` defaults).
+_LAMB_B2 = 0.999
+_LAMB_EPS = 1e-6
+
+
+def decay_mask(params: Any) -> Any:
+  """Returns a pytree of bools: True for tensors with weight decay and a trust ratio.
+
+  Only kernels (ndim > 1: convolutions and dense layers) are True. Biases and the scale/bias of
+  every batch norm (main and adversarial branches alike) are 1-D and get False: decaying them or
+  rescaling their step by their small norms hurts large-batch training (reference code, MLPerf).
+  Works on arrays and on `jax.ShapeDtypeStruct` leaves.
+
+  Args:
+    params: the parameter pytree (or updates with the same structure).
+  """
+  return jax.tree.map(lambda x: len(np.shape(x)) > 1, params)
+
+
+def total_train_steps(config: Any, steps_per_epoch: int) -> int:
+  """Returns the number of optimizer steps of the run; schedules need it up front.
+
+  Args:
+    config: reads `num_train_steps` (used if > 0) and `num_epochs`.
+    steps_per_epoch: optimizer steps per pass over the training set.
+
+  Raises:
+    ValueError: if neither `num_train_steps` nor `num_epochs * steps_per_epoch` is positive.
+  """
+  if config.num_train_steps is not None and config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  steps = int(round(config.num_epochs * steps_per_epoch))
+  if steps <= 0:
+    raise ValueError(
+        "Cannot tell how long to train: set config.num_train_steps > 0, or config.num_epochs > 0 "
+        f"with steps_per_epoch > 0 (got num_train_steps={config.num_train_steps}, "
+        f"num_epochs={config.num_epochs}, steps_per_epoch={steps_per_epoch}, "
+        f"num_epochs * steps_per_epoch rounds to {steps}).")
+  return steps
+
+
+def create_learning_rate_schedule(config: Any, steps_per_epoch: int,
+                                  total_steps: int) -> optax.Schedule:
+  """Returns linear warmup from 0 to the peak, then decay to `end_learning_rate`.
+
+  Warmup lasts round(warmup_epochs * steps_per_epoch) steps (0 is allowed: decay from step 0).
+  The decay (`lr_schedule`: "polynomial" with power `lr_decay_power`, or "cosine") spans the
+  remaining steps, so the LR equals `end_learning_rate` at `total_steps` and stays there. If the
+  run is shorter than the warmup, the LR never reaches the peak (a warning is logged).
+
+  Args:
+    config: reads learning_rate, warmup_epochs, lr_schedule, lr_decay_power, end_learning_rate.
+    steps_per_epoch: optimizer steps per epoch, to turn warmup epochs into steps.
+    total_steps: length of the run, e.g. from `total_train_steps`.
+
+  Raises:
+    ValueError: for an unknown schedule or a negative warmup.
+  """
+  peak = float(config.learning_rate)
+  end = float(config.end_learning_rate)
+  if config.warmup_epochs < 0:
+    raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs}.")
+  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  if warmup_steps >= total_steps:
+    logging.warning("Warmup (%d steps) is not shorter than the run (%d steps): the learning rate "
+                    "never reaches its peak %g.", warmup_steps, total_steps, peak)
+  # At least one decay step keeps optax's schedules well defined for very short runs.
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  if config.lr_schedule == "polynomial":
+    decay = optax.polynomial_schedule(init_value=peak, end_value=end,
+                                      power=config.lr_decay_power, transition_steps=decay_steps)
+  elif config.lr_schedule == "cosine":
+    # cosine_decay_schedule goes from init_value to alpha * init_value.
+    alpha = end / peak if peak != 0.0 else 0.0
+    decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=decay_steps, alpha=alpha)
+  else:
+    raise ValueError(f"Unknown config.lr_schedule={config.lr_schedule!r}; "
+                     f"expected one of {SCHEDULES}.")
+
+  if warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup_steps)
+  return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
+
+
+def _lamb(learning_rate: optax.Schedule, b1: float, weight_decay: float,
+          mask: Any) -> optax.GradientTransformation:
+  """LAMB whose weight decay AND trust ratio skip what `mask` marks False."""
+  return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=_LAMB_B2, eps=_LAMB_EPS),
+      optax.add_decayed_weights(weight_decay, mask=mask),
+      optax.masked(optax.scale_by_trust_ratio(), mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def create_optimizer(config: Any, steps_per_epoch: int,
+                     total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule); the schedule is also handy for logging.
+
+  Weight decay is coupled L2 (wd * w added to the gradient) and applies to kernels only
+  (`decay_mask`). For "lamb", `config.momentum` is Adam's b1.
+
+  Args:
+    config: reads `optimizer` and the fields of `create_learning_rate_schedule`, plus
+      weight_decay, momentum, nesterov (sgd), lars_trust_coefficient and lars_eps (lars).
+    steps_per_epoch: optimizer steps per epoch.
+    total_steps: length of the run.
+
+  Raises:
+    ValueError: for an unknown optimizer.
+  """
+  schedule = create_learning_rate_schedule(config, steps_per_epoch, total_steps)
+  name = config.optimizer
+  if name == "lars":
+    tx = optax.lars(
+        learning_rate=schedule,
+        weight_decay=config.weight_decay,
+        weight_decay_mask=decay_mask,
+        trust_coefficient=config.lars_trust_coefficient,
+        eps=config.lars_eps,
+        trust_ratio_mask=decay_mask,
+        momentum=config.momentum,
+        nesterov=False,
+    )
+  elif name == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate=schedule, momentum=config.momentum or None,
+                  nesterov=bool(config.nesterov)),
+    )
+  elif name == "lamb":
+    tx = _lamb(schedule, b1=config.momentum, weight_decay=config.weight_decay, mask=decay_mask)
+  else:
+    raise ValueError(f"Unknown config.optimizer={name!r}; expected one of {OPTIMIZERS}.")
+  return tx, schedule
+
+
+# ResNet-50/ImageNet LARS settings of the reference code by global batch size:
+# (smallest batch of the bracket, peak LR, warmup epochs), largest bracket first.
+_LARS_BRACKETS = (
+    (65_536, 43.0, 41.0),
+    (32_768, 31.2, 25.0),
+    (16_384, 25.0, 5.0),
+    (0, 10.0, 5.0),
+)
+
+
+def imagenet_recipe(batch_size: int, optimizer: str = "lars") -> dict[str, Any]:
+  """Returns the reference code's ResNet-50/ImageNet optimisation settings for `batch_size`.
+
+  Keys are config field names, so a config can do `config.update(imagenet_recipe(B))`.
+  "lars" (the paper's large-batch runs): peak LR / warmup epochs by batch bracket (10/5 below
+  16K, 25/5 below 32K, 31.2/25 below 64K, 43/41 from 64K), momentum 0.92, weight decay 5e-5,
+  trust coefficient 0.001, eps 0, polynomial decay with power 1.6 to 0, label smoothing 0.1.
+  "sgd" (the reference's non-LARS path, meant for B < 16K): Nesterov momentum 0.92, peak LR
+  0.1 * B / 256, 5 warmup epochs, the same weight decay, no label smoothing. The reference then
+  divides the LR by 10 at 1/3, 2/3 and 8/9 of training; this module has no step schedule, so
+  cosine decay to 0 stands in for it.
+
+  Args:
+    batch_size: global number of clean examples per step.
+    optimizer: "lars" or "sgd".
+
+  Raises:
+    ValueError: for a non-positive batch size or another optimizer.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  common = {
+      "batch_size": int(batch_size),
+      "momentum": 0.92,
+      "weight_decay": 5e-5,
+      "end_learning_rate": 0.0,
+      "lars_trust_coefficient": 0.001,
+      "lars_eps": 0.0,
+  }
+  if optimizer == "lars":
+    for min_batch, peak_lr, warmup_epochs in _LARS_BRACKETS:
+      if batch_size >= min_batch:
+        break
+    return {
+        **common,
+        "optimizer": "lars",
+        "learning_rate": peak_lr,
+        "warmup_epochs": warmup_epochs,
+        "lr_schedule": "polynomial",
+        "lr_decay_power": 1.6,
+        "nesterov": False,
+        "label_smoothing": 0.1,
+    }
+  if optimizer == "sgd":
+    if batch_size >= 16_384:
+      logging.warning("imagenet_recipe: the reference uses SGD only below 16K; batch %d should "
+                      "use LARS.", batch_size)
+    return {
+        **common,
+        "optimizer": "sgd",
+        "learning_rate": 0.1 * batch_size / 256,
+        "warmup_epochs": 5.0,
+        "lr_schedule": "cosine",
+        "nesterov": True,
+        "label_smoothing": 0.0,
+    }
+  raise ValueError(f"imagenet_recipe has no {optimizer!r} recipe; expected 'lars' or 'sgd'.")
