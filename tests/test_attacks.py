@@ -1,0 +1,109 @@
+"""Properties of the L∞ PGD attack."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conadv_jax import attacks, conadv, losses, models
+
+NUM_CLASSES = 4
+
+
+def linear_loss_fn(w):
+  """Per-example CE of a linear classifier on flattened, scaled pixels."""
+  return lambda x, y: losses.cross_entropy((x.reshape(x.shape[0], -1) / 255.0) @ w, y)
+
+
+def batch(n=64, seed=0):
+  rng = np.random.RandomState(seed)
+  images = rng.uniform(0, 255, (n, 3, 3, 1)).astype(np.float32)
+  images[: n // 4] = 0.0  # Saturated pixels exercise the [0, 255] clip.
+  images[n // 4: n // 2] = 255.0
+  return jnp.asarray(images), jnp.asarray(rng.randint(0, NUM_CLASSES, n), jnp.int32)
+
+
+@pytest.mark.parametrize("config", [
+    attacks.AttackConfig(),
+    attacks.AttackConfig(epsilon=4.0, step_size=3.0, num_steps=5, random_start_prob=1.0),
+    attacks.AttackConfig(epsilon=8.0, step_size=20.0, num_steps=3, targeted=False),
+])
+def test_stays_in_epsilon_ball_and_pixel_range(config):
+  images, labels = batch()
+  w = jax.random.normal(jax.random.PRNGKey(0), (9, NUM_CLASSES)) * 10
+  adv = jax.jit(attacks.pgd_linf, static_argnums=(0, 4, 5))(
+      linear_loss_fn(w), images, labels, jax.random.PRNGKey(1), config, NUM_CLASSES)
+  assert float(jnp.max(jnp.abs(adv - images))) <= config.epsilon + 1e-4
+  assert float(adv.min()) >= 0.0 and float(adv.max()) <= 255.0
+  assert float(jnp.max(jnp.abs(adv - images))) > 0.5 * config.epsilon  # It did move.
+
+
+def test_random_wrong_labels_never_hit_the_true_label_and_cover_the_rest():
+  labels = jnp.asarray(np.arange(10_000) % NUM_CLASSES, jnp.int32)
+  targets = np.asarray(attacks.random_wrong_labels(jax.random.PRNGKey(0), labels, NUM_CLASSES))
+  assert not np.any(targets == np.asarray(labels))
+  for c in range(NUM_CLASSES):
+    seen = set(targets[np.asarray(labels) == c])
+    assert seen == set(range(NUM_CLASSES)) - {c}
+
+
+def test_targeted_attack_moves_towards_its_target():
+  images, labels = batch(seed=3)
+  w = jax.random.normal(jax.random.PRNGKey(2), (9, NUM_CLASSES)) * 10
+  config = attacks.AttackConfig(epsilon=30.0, step_size=10.0, num_steps=3, random_start_prob=0.0)
+  rng = jax.random.PRNGKey(4)
+  adv = attacks.pgd_linf(linear_loss_fn(w), images, labels, rng, config, NUM_CLASSES)
+  # The attack derives its targets from the second half of its key, as documented in pgd_linf.
+  targets = attacks.random_wrong_labels(jax.random.split(rng)[1], labels, NUM_CLASSES)
+  loss = linear_loss_fn(w)
+  assert float(loss(adv, targets).mean()) < float(loss(images, targets).mean())
+
+
+def test_untargeted_one_step_raises_the_loss_of_a_trained_model():
+  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, dataset="synthetic",
+                              small_resnet_depth=8, small_resnet_width=8)
+  forward = conadv.linen_forward(model)
+  rng = np.random.RandomState(0)
+  labels = rng.randint(0, NUM_CLASSES, 64).astype(np.int32)
+  # Learnable data: the class sets the brightness of one quadrant.
+  images = rng.uniform(0, 100, (64, 8, 8, 3)).astype(np.float32)
+  for i, c in enumerate(labels):
+    images[i, (c // 2) * 4:(c // 2) * 4 + 4, (c % 2) * 4:(c % 2) * 4 + 4] += 150
+  cfg = conadv.MethodConfig(method="vanilla", num_classes=NUM_CLASSES)
+  tx = optax.adam(1e-2)
+  v = model.init(jax.random.PRNGKey(0), images[:1], train=False)
+  state = conadv.TrainState.create(params=v["params"], batch_stats=v["batch_stats"], tx=tx,
+                                   fifo_shape=(0,), rng=jax.random.PRNGKey(0))
+  step = jax.jit(conadv.make_train_step(forward, tx, cfg))
+  batch_ = {"image": images, "label": labels}
+  for _ in range(30):
+    state, metrics = step(state, batch_, batch_)
+  assert float(metrics["clean_top1"]) > 0.9
+
+  def eval_loss(x):
+    logits, _ = forward(state.params, state.batch_stats, x, train=False)
+    return losses.cross_entropy(logits, jnp.asarray(labels))
+
+  config = attacks.AttackConfig(epsilon=16.0, step_size=16.0, num_steps=1, random_start_prob=0.0,
+                                targeted=False)
+  adv = attacks.pgd_linf(lambda x, y: eval_loss(x), jnp.asarray(images), jnp.asarray(labels),
+                         jax.random.PRNGKey(0), config, NUM_CLASSES)
+  noise = 16.0 * jnp.sign(jax.random.normal(jax.random.PRNGKey(5), images.shape))
+  noisy = jnp.clip(images + noise, 0, 255)
+  clean_loss, noisy_loss, adv_loss = (float(eval_loss(x).mean()) for x in (images, noisy, adv))
+  # Same L∞ size as random sign noise, but aimed: far more damaging.
+  assert adv_loss > 10 * clean_loss and adv_loss > 5 * noisy_loss
+
+
+def test_attack_does_not_update_running_averages():
+  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, dataset="synthetic",
+                              small_resnet_depth=8, small_resnet_width=4)
+  forward = conadv.linen_forward(model)
+  images = np.random.RandomState(0).uniform(0, 255, (8, 8, 8, 3)).astype(np.float32)
+  v = model.init(jax.random.PRNGKey(0), images, train=False)
+  cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=1)
+  attack = conadv.make_attack_fn(forward, cfg)
+  closed = jax.make_jaxpr(attack)(v["params"], v["batch_stats"], jax.random.PRNGKey(0),
+                                  {"image": images, "label": np.zeros(8, np.int32)}, 0)
+  # The attack returns images only: BN statistics cannot leave it.
+  assert [o.aval.shape for o in closed.jaxpr.outvars] == [images.shape]
