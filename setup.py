@@ -12,6 +12,7 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "clu>=0.0.12,<0.1",
         "etils[epath]>=1.7",
+        "importlib_resources>=6",  # TFDS builders need it; etils no longer pulls it in.
         "flax>=0.10,<0.13",
         "jax>=0.6,<0.13",
         "ml-collections>=1.0,<2",

@@ -14,7 +14,7 @@ Vanilla skips the attack. Randomness comes from (seed, batch index), so runs are
 and resumable.
 """
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,14 +61,16 @@ class TrainState(struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: optax.OptState
-  adv_fifo: jax.Array  # [τ, B, H, W, C]; slot i holds the adversarial batch of a step ≡ i mod τ.
+  # [τ, B, H, W, C]: slot i holds the adversarial batch of a step ≡ i mod τ; None when τ = 0.
+  adv_fifo: jax.Array | None
   rng: jax.Array  # Root key of the attacks; the attack on batch i uses fold_in(rng, i).
 
   @classmethod
   def create(cls, *, params, batch_stats, tx: optax.GradientTransformation,
              fifo_shape: tuple[int, ...], rng: jax.Array) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(params), adv_fifo=jnp.zeros(fifo_shape, jnp.float32), rng=rng)
+               opt_state=tx.init(params), rng=rng,
+               adv_fifo=jnp.zeros(fifo_shape, jnp.float32) if fifo_shape[0] else None)
 
 
 def linen_forward(module, has_branches: bool = True) -> ForwardFn:
@@ -86,10 +88,10 @@ def linen_forward(module, has_branches: bool = True) -> ForwardFn:
   return forward
 
 
-def fifo_pop_push(fifo: jax.Array, step: jax.Array,
-                  newest: jax.Array) -> tuple[jax.Array, jax.Array]:
+def fifo_pop_push(fifo: jax.Array | None, step: jax.Array,
+                  newest: jax.Array) -> tuple[jax.Array, jax.Array | None]:
   """Returns (batch `step`'s adversarial examples, the FIFO holding `newest` in their place)."""
-  if fifo.shape[0] == 0:  # τ = 0 (DisAdv): nothing is pending; use the fresh attack.
+  if fifo is None:  # τ = 0 (DisAdv): nothing is pending; use the fresh attack.
     return newest, fifo
   slot = step % fifo.shape[0]
   return fifo[slot], fifo.at[slot].set(newest)
@@ -161,15 +163,13 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: M
 def make_fill_fifo(forward: ForwardFn, cfg: MethodConfig):
   """fill_fifo(state, first) -> state whose FIFO holds attacks on batches step..step+τ-1.
 
-  `first` stacks those τ batches ([τ, B, ...]); the attacks use the state's current θ.
+  `first` is the sequence of those τ batches; the attacks use the state's current θ.
   """
   attack = make_attack_fn(forward, cfg)
 
-  def fill_fifo(state: TrainState, first: Batch) -> TrainState:
-    indices = state.step + jnp.arange(cfg.staleness)
-    adv = jax.lax.map(
-        lambda args: attack(state.params, state.batch_stats, state.rng, args[0], args[1]),
-        (first, indices))
+  def fill_fifo(state: TrainState, first: Sequence[Batch]) -> TrainState:
+    adv = jnp.stack([attack(state.params, state.batch_stats, state.rng, batch, state.step + i)
+                     for i, batch in enumerate(first)])
     # Batch step+i belongs in slot (step+i) mod τ.
     return state.replace(adv_fifo=jnp.roll(adv, state.step % cfg.staleness, axis=0))
 

@@ -32,6 +32,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def state_sharding(mesh: Mesh, state: TrainState) -> TrainState:
   """Shardings for a TrainState (or its shape): all replicated but the FIFO's batch axis."""
   shardings = jax.tree.map(lambda _: replicated(mesh), state)
+  if state.adv_fifo is None:
+    return shardings
   return shardings.replace(adv_fifo=NamedSharding(mesh, P(None, DATA_AXIS)))
 
 
@@ -49,7 +51,7 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shape: Any) -> Callab
 
 
 def jit_fill_fifo(fill_fifo: Callable, mesh: Mesh, state_shape: Any) -> Callable:
-  """jit(fill_fifo): batches stacked as [τ, B, ...] are sharded on their batch axis."""
+  """jit(fill_fifo(state, batches)) with each of the τ batches sharded on its batch axis."""
   state_sh = state_sharding(mesh, state_shape)
-  return jax.jit(fill_fifo, in_shardings=(state_sh, NamedSharding(mesh, P(None, DATA_AXIS))),
+  return jax.jit(fill_fifo, in_shardings=(state_sh, batch_sharding(mesh)),
                  out_shardings=state_sh, donate_argnums=(0,))

@@ -1,0 +1,1 @@
+"""Config files; load them with --config=configs/<file>.py[:preset]."""

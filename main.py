@@ -1,0 +1,48 @@
+"""Entry point: python main.py --config=configs/<file>.py[:preset] --workdir=DIR [--config.x=y].
+
+Thin on purpose: flags, logging and process setup here; everything else in conadv_jax.train.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; rerun to resume.")
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Drops INFO records of orbax, whose per-save chatter would bury the training log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  # Imported here so --help works without initialising JAX or TensorFlow.
+  import jax
+  import tensorflow as tf
+
+  from conadv_jax import checkpointing, config_validation, input_pipeline, train
+
+  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
+  logging.info("Process %d of %d; %d local / %d global devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.local_devices())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (config_validation.ConfigError, checkpointing.CheckpointMismatchError,
+          input_pipeline.DataUnavailableError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,109 @@
+"""The training loop: every method end to end, exact resume, results and metrics files."""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conadv_jax import checkpointing, train
+from configs import cpu_smoke
+
+PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
+
+
+def smoke_config(preset, **overrides):
+  config = cpu_smoke.get_config(preset)
+  config.update(overrides)
+  return config
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """One complete cpu_smoke run per preset, shared by the tests below."""
+  runs = {}
+  for preset in PRESETS:
+    workdir = str(tmp_path_factory.mktemp(f"full_{preset}"))
+    runs[preset] = (workdir, train.train_and_evaluate(smoke_config(preset), workdir))
+  return runs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_cpu_smoke_trains_and_writes_results(uninterrupted, preset):
+  workdir, results = uninterrupted[preset]
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert saved["final_step"] == 12 and saved["config"]["method"] == smoke_config(preset).method
+  assert saved["eval"]["num_examples"] == 64
+  assert set(saved["eval"]) >= {"top1", "loss", "adv_top1", "num_examples"}
+  assert saved["param_fingerprint"] == results["param_fingerprint"]
+  assert len(saved["param_fingerprint"]) == 64 and np.isfinite(saved["train"]["loss"])
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  lines = read_jsonl(workdir)
+  assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(2, 13, 2))
+  assert [l["step"] for l in lines if l["kind"] == "eval"] == [6, 12]
+  train_keys = set(lines[0])
+  assert {"loss", "clean_loss", "grad_norm", "param_norm", "learning_rate"} <= train_keys
+  assert ("adv_loss" in train_keys) == (preset != "vanilla")
+
+
+def test_methods_train_differently(uninterrupted):
+  fingerprints = {uninterrupted[p][1]["param_fingerprint"] for p in PRESETS}
+  assert len(fingerprints) == len(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_stop_and_restart_is_bit_identical(uninterrupted, preset, tmp_path, monkeypatch):
+  stop_at = 5  # Between checkpoints (every 4): the restart must redo steps 5..12 from step 5.
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                  lambda self, step: step == stop_at)
+    stopped = train.train_and_evaluate(smoke_config(preset), str(tmp_path))
+  assert stopped == {"preempted_at_step": stop_at}
+  assert not os.path.exists(tmp_path / "results.json")
+  resumed = train.train_and_evaluate(smoke_config(preset), str(tmp_path))
+  assert resumed["param_fingerprint"] == uninterrupted[preset][1]["param_fingerprint"]
+  assert resumed["eval"] == uninterrupted[preset][1]["eval"]
+  steps = [l["step"] for l in read_jsonl(str(tmp_path)) if l["kind"] == "train"]
+  assert sorted(steps) == sorted(set(steps)), "a step was logged twice"
+  assert 5 in steps  # The stop step's metrics were logged before its checkpoint.
+
+
+def test_restart_after_a_crash_drops_metrics_past_the_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  # Pretend a crash at step 11: checkpoints up to 8 survive, metrics went up to step 10.
+  train.train_and_evaluate(smoke_config("conadv", num_train_steps=10), workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  os.rename(os.path.join(checkpoints, "10"), os.path.join(workdir, "lost_10"))
+  train.train_and_evaluate(smoke_config("conadv"), workdir)
+  steps = [l["step"] for l in read_jsonl(workdir) if l["kind"] == "train"]
+  assert steps == list(range(2, 13, 2))
+
+
+def test_a_different_experiment_in_the_workdir_is_refused(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted["disadv"]
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"method='disadv' there but 'conadv' now"):
+    train.train_and_evaluate(smoke_config("conadv"), workdir)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints_finite(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config("conadv", num_train_steps=8), workdir)
+  # Resume from step 8 with an absurd learning rate: the loss blows up by the next log (10).
+  config = smoke_config("conadv", learning_rate=1e30)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"by step 10: .*last good checkpoint is step 8"):
+    train.train_and_evaluate(config, workdir)
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  item_names=("state", "config"))
+  assert manager.latest_step() == 8
+  restored = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  leaves = jax.tree.leaves(restored.state)
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
