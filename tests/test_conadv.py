@@ -100,7 +100,7 @@ def library_run(method, tau, batches, num_steps, attack_config, mesh=None):
   step = parallel.jit_train_step(conadv.make_train_step(tiny_forward, tx, cfg), mesh, state)
   if tau:
     fill = parallel.jit_fill_fifo(conadv.make_fill_fifo(tiny_forward, cfg), mesh, state)
-    state = fill(state, jax.tree.map(lambda *x: np.stack(x), *batches[:tau]))
+    state = fill(state, tuple(batches[:tau]))
   for t in range(num_steps):
     state, _ = step(state, batches[t], batches[t + tau])
   return state
@@ -161,7 +161,7 @@ def test_fill_fifo_changes_no_statistics_and_bounds_examples():
                                    fifo_shape=(2, BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
   batches = make_batches(2)
   filled = jax.jit(conadv.make_fill_fifo(tiny_forward, cfg))(
-      state, jax.tree.map(lambda *x: np.stack(x), *batches))
+      state, tuple(batches))
   jax.tree.map(np.testing.assert_array_equal, filled.batch_stats, stats)
   for slot in range(2):
     delta = np.abs(np.asarray(filled.adv_fifo[slot]) - batches[slot]["image"])
@@ -245,7 +245,7 @@ def test_one_and_four_devices_agree():
     state = parallel.create_sharded_state(init, mesh)
     fill = parallel.jit_fill_fifo(conadv.make_fill_fifo(forward, cfg), mesh, state)
     step = parallel.jit_train_step(conadv.make_train_step(forward, tx, cfg), mesh, state)
-    state = fill(state, jax.tree.map(lambda x: x[None], batches[0]))
+    state = fill(state, (batches[0],))
     for t in range(2):
       state, _ = step(state, batches[t], batches[t + 1])
     assert len(state.adv_fifo.sharding.device_set) == len(devices)
