@@ -11,7 +11,26 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here; rerun to resume.")
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                 lock_config=True)
+flags.DEFINE_bool("distributed", False,
+                  "Initialise jax.distributed from the environment (Cloud TPU pods, SLURM).")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0, for an explicit multi-process launch.")
+flags.DEFINE_integer("num_processes", None, "Processes in an explicit multi-process launch.")
+flags.DEFINE_integer("process_id", None, "This process's index in an explicit launch.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed(jax) -> None:
+  """Joins a multi-process run: explicitly (flags) or as the environment says (--distributed)."""
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(x is not None for x in explicit):
+    if any(x is None for x in explicit):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
+    # Cross-process collectives between CPU devices need gloo; GPUs and TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
 
 
 class _QuietLibraries:
@@ -32,6 +51,7 @@ def main(argv):
   from conadv_jax import checkpointing, config_validation, input_pipeline, train
 
   tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
+  _initialize_distributed(jax)
   logging.info("Process %d of %d; %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.local_devices())

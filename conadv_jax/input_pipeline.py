@@ -429,7 +429,19 @@ def train_batches(config: ml_collections.ConfigDict,
   buffer_size = max(min(config.shuffle_buffer_size, source.num_examples), 1)
   cached = source.read(None).map(source.decode, tf.data.AUTOTUNE).cache() if config.cache else None
 
+  def synthetic_epoch(epoch: int, skip: int) -> tf.data.Dataset:
+    # One global order per epoch; this process makes only its rows of each global batch, so
+    # global batch k holds the same examples whatever the process count.
+    order = np.random.default_rng(_seed_pair(config.seed, "synthetic order", epoch)).permutation(
+        config.synthetic_num_examples)[:num_steps * config.batch_size]
+    rows = order.reshape(num_steps, process_count, local_batch)[:, process_index].reshape(-1)
+    ds = tf.data.Dataset.from_tensor_slices(rows[skip:]).map(lambda i: {"index": i})
+    ds = ds.map(source.decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
+
   def epoch_dataset(epoch: int, skip: int) -> tf.data.Dataset:
+    if config.dataset == "synthetic":
+      return synthetic_epoch(epoch, skip)
     file_seed, example_seed = _seed_pair(config.seed, "shuffle", epoch, process_index)
     if cached is not None:
       ds = cached.shuffle(buffer_size, seed=example_seed)

@@ -54,18 +54,25 @@ class MetricsLog:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """Turns SIGTERM into a flag the loop checks between steps (single-process runs).
+
+  With jax.distributed up, JAX's preemption service owns SIGTERM and makes every process agree
+  on the step (Checkpointer.reached_preemption); a Python handler would displace it.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:

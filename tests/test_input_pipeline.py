@@ -323,3 +323,16 @@ def test_shard_and_prefetch_makes_global_arrays(num_devices):
       assert len(value.addressable_shards) == num_devices
       assert value.shape == host[key].shape and value.dtype == host[key].dtype
       np.testing.assert_array_equal(np.asarray(value), host[key])
+
+
+def test_synthetic_global_batches_do_not_depend_on_the_process_count():
+  """What makes a 2-host run equal a 1-host run: host rows concatenate to the same batch."""
+  config = _config(dataset="synthetic", image_size=8, batch_size=12, synthetic_num_examples=40)
+  one = list(itertools.islice(input_pipeline.train_batches(
+      config, process_index=0, process_count=1), 8))
+  parts = [list(itertools.islice(input_pipeline.train_batches(
+      config, process_index=i, process_count=3), 8)) for i in range(3)]
+  for step in range(8):  # 3 steps per epoch: crosses two epoch boundaries.
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]),
+                                    one[step][key])
