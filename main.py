@@ -56,12 +56,21 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.local_devices())
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_validation.ConfigError, checkpointing.CheckpointMismatchError,
           input_pipeline.DataUnavailableError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if jax.process_index() == 0:
+    if "preempted_at_step" in results:
+      print(f"Preempted at step {results['preempted_at_step']}; run the same command to resume.")
+    else:
+      ev = results["eval"]
+      print(f"Final test top-1 {ev['top1']:.4f}" +
+            (f", adversarial top-1 {ev['adv_top1']:.4f}" if "adv_top1" in ev else "") +
+            f" on {ev['num_examples']} examples after {results['final_step']} steps "
+            f"({results['wall_time_s']:.0f} s); details in {FLAGS.workdir}/results.json")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = "fashion_mnist"  # fashion_mnist | cifar10 | imagenet2012 | synthetic
   config.data_dir = None
   config.image_size = 0  # 0: the dataset's native size (28 for fashion_mnist, 32 for cifar10).
-  config.cache = False  # Cache decoded examples in host RAM (ImageNet needs ~150 GB per host).
+  # Cache examples in host RAM: decoded pixels for small datasets, encoded JPEGs for ImageNet
+  # (~150 GB in all, split over the hosts); off by default because of the RAM it takes.
+  config.cache = False
   config.shuffle_buffer_size = 16_384
   config.eval_batch_size = 1_000  # Global; the last batch is padded and masked.
   # synthetic only: how many examples, how many classes, and image side.
