@@ -456,7 +456,7 @@ def train_batches(config: ml_collections.ConfigDict,
       if cached is None:
         example = source.decode(example)
       seed = tf.random.experimental.stateless_fold_in(epoch_key, index)
-      return source.train_fn(example, seed)
+      return source.train_fn(example, seed) if config.augment else source.eval_fn(example)
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)

@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (~150 GB in all, split over the hosts); off by default because of the RAM it takes.
   config.cache = False
   config.shuffle_buffer_size = 16_384
+  # Train-time augmentation: Inception crop + flip (ImageNet), pad-and-crop + flip (small images).
+  config.augment = True
   config.eval_batch_size = 1_000  # Global; the last batch is padded and masked.
   # synthetic only: how many examples, how many classes, and image side.
   config.synthetic_num_examples = 4_096

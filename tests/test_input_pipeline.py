@@ -336,3 +336,20 @@ def test_synthetic_global_batches_do_not_depend_on_the_process_count():
     for key in ("image", "label"):
       np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]),
                                     one[step][key])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_augment_switch(tmp_path, augment):
+  """augment=False feeds the stored pixels; augment=True crops and flips some of them."""
+  rng = np.random.default_rng(0)
+  raw = {"train": rng.integers(0, 256, (16, 28, 28), np.uint8),
+         "test": rng.integers(0, 256, (4, 28, 28), np.uint8)}
+  for split, images in raw.items():
+    images_name, labels_name = fashion_mnist.IDX_FILES[split]
+    fashion_mnist.write_idx(tmp_path / images_name, images)
+    fashion_mnist.write_idx(tmp_path / labels_name, np.zeros(len(images), np.uint8))
+  config = _config(data_dir=str(tmp_path), augment=augment)
+  batches = list(itertools.islice(input_pipeline.train_batches(config), 4))
+  stored = {img.tobytes() for img in raw["train"].astype(np.float32)}
+  fed = [img[..., 0].tobytes() for b in batches for img in b["image"]]
+  assert all(f in stored for f in fed) == (not augment)
