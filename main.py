@@ -37,7 +37,16 @@ class _QuietLibraries:
   """Drops INFO records of orbax, whose per-save chatter would bury the training log."""
 
   def filter(self, record) -> bool:
-    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+    # levelno is a Python logging level; absl's logging.INFO is 0, not 20.
+    return record.levelno > logging.converter.STANDARD_INFO or "/orbax/" not in record.pathname
+
+
+def _user_error(e: Exception) -> None:
+  """A mistake in the command, the setup or the hyperparameters: the message, no traceback,
+  exit status 2."""
+  logging.error("%s", e)
+  print(f"error: {e}", file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):
@@ -46,22 +55,28 @@ def main(argv):
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   # Imported here so --help works without initialising JAX or TensorFlow.
   import jax
-  import tensorflow as tf
 
-  from conadv_jax import checkpointing, config_validation, input_pipeline, train
+  from conadv_jax import config_validation
 
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
   _initialize_distributed(jax)
   logging.info("Process %d of %d; %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.local_devices())
   try:
+    # Before TensorFlow is imported (seconds), so that a mistyped flag fails at once.
+    config_validation.validate(FLAGS.config, num_devices=jax.device_count())
+  except config_validation.ConfigError as e:
+    _user_error(e)
+  import tensorflow as tf
+
+  from conadv_jax import checkpointing, input_pipeline, train
+
+  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
+  try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_validation.ConfigError, checkpointing.CheckpointMismatchError,
-          input_pipeline.DataUnavailableError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+          input_pipeline.DataUnavailableError, train.NonFiniteLossError) as e:
+    _user_error(e)
   if jax.process_index() == 0:
     if "preempted_at_step" in results:
       print(f"Preempted at step {results['preempted_at_step']}; run the same command to resume.")

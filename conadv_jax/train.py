@@ -6,7 +6,6 @@ look-ahead of τ batches: at step t it hands the step batch t and batch t+τ.
 import collections
 import hashlib
 import json
-import os
 import signal
 import time
 from typing import Any
@@ -17,6 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 
 from conadv_jax import (attacks, checkpointing, conadv, config_validation, evaluation,
                         input_pipeline, models, optim, parallel)
@@ -34,22 +34,28 @@ def param_fingerprint(params: Any) -> str:
   return digest.hexdigest()
 
 
+def _logged_by(line: str, resume_step: int) -> bool:
+  try:
+    return json.loads(line)["step"] <= resume_step
+  except (ValueError, KeyError, TypeError):  # Blank, or cut short by a killed run.
+    return False
+
+
 class MetricsLog:
   """metrics.jsonl: one JSON object per logged step or eval; process 0 writes."""
 
   def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"  # epath: also gs://.
     self._enabled = jax.process_index() == 0
-    if self._enabled and os.path.exists(self.path):
+    if self._enabled and self.path.exists():
       # Lines from after the restored checkpoint will be written again: drop them.
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+      kept = [line for line in self.path.read_text().splitlines(keepends=True)
+              if _logged_by(line, resume_step)]
+      self.path.write_text("".join(kept))
 
   def write(self, step: int, kind: str, values: dict[str, float]) -> None:
     if self._enabled:
-      with open(self.path, "a") as f:
+      with self.path.open("a") as f:
         f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
 
 
@@ -92,7 +98,7 @@ def _check_finite(step: int, metrics: dict[str, float], checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json."""
   config_validation.validate(config, num_devices=jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   start_time = time.time()
   info = input_pipeline.get_dataset_info(config)
   config_validation.validate_against_data(config, info)
@@ -211,7 +217,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "param_fingerprint": param_fingerprint(state.params),
   }
   if is_chief:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, default=str)
+    (epath.Path(workdir) / "results.json").write_text(json.dumps(results, indent=2, default=str))
   logging.info("Final eval at step %d: %s", step, results["eval"])
   return results

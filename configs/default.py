@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Data. `data_dir` is the TFDS data dir (None: TFDS's default). For fashion_mnist it may also be
   # a folder holding the four original IDX .gz files.
   config.dataset = "fashion_mnist"  # fashion_mnist | cifar10 | imagenet2012 | synthetic
-  config.data_dir = None
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # None until set.
   config.image_size = 0  # 0: the dataset's native size (28 for fashion_mnist, 32 for cifar10).
   # Cache examples in host RAM: decoded pixels for small datasets, encoded JPEGs for ImageNet
   # (~150 GB in all, split over the hosts); off by default because of the RAM it takes.

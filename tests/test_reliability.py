@@ -1,0 +1,327 @@
+"""Faults end to end: main.py in separate processes, as a user, a pod or a scheduler runs it.
+
+Several processes on one shared workdir, SIGTERM preemption, damaged and foreign checkpoints.
+docs/reliability.md lists which test proves what. In-process tests of exact resume, non-finite
+losses and a foreign checkpoint's method are in test_train.py.
+
+Each run is configs/cpu_smoke.py:conadv (τ = 1); one takes ~30 s on 2 cores, mostly compiling.
+"""
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
+RUN_TIMEOUT_S = 600  # Generous: 2 cores may be shared with another test file (pytest -n 2).
+PREEMPTED = re.compile(r"Preempted: saved a checkpoint at step (\d+)")
+
+# Records which process opens results.json or metrics.jsonl for writing (a Python audit hook,
+# loaded at start-up as sitecustomize): proves that only process 0 writes them.
+_WRITE_AUDIT = '''
+import os, sys
+_LOG = os.environ.get("CONADV_TEST_WRITE_LOG")
+def _hook(event, args):
+  if (event == "open" and isinstance(args[0], (str, os.PathLike)) and isinstance(args[1], str)
+      and os.path.basename(os.fspath(args[0])) in ("results.json", "metrics.jsonl")
+      and any(c in args[1] for c in "wax+")):
+    with open(f"{_LOG}.{os.getpid()}", "a") as f:
+      f.write(os.path.basename(os.fspath(args[0])) + "\\n")
+if _LOG:
+  sys.addaudithook(_hook)
+'''
+
+
+def _env(num_devices: int, **extra: str) -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             **extra)
+  env["XLA_FLAGS"] = " ".join(
+      [f for f in env.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")]
+      + [f"--xla_force_host_platform_device_count={num_devices}"])
+  return env
+
+
+class _Main:
+  """One `python main.py` process; its output goes to a file (an unread pipe would block it)."""
+
+  def __init__(self, log: pathlib.Path, workdir: pathlib.Path, *flags: str, num_devices: int = 4,
+               **env: str):
+    self.log = log
+    with open(log, "w") as f:
+      self.popen = subprocess.Popen(
+          [sys.executable, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}", *flags],
+          cwd=REPO, env=_env(num_devices, **env), stdout=f, stderr=subprocess.STDOUT)
+
+  @property
+  def output(self) -> str:
+    return self.log.read_text(errors="replace")
+
+  def running(self) -> bool:
+    return self.popen.poll() is None
+
+
+def _wait(processes: list[_Main], timeout: float = RUN_TIMEOUT_S) -> list[int]:
+  """Exit statuses; kills all if one is still running at the deadline."""
+  deadline = time.monotonic() + timeout
+  try:
+    return [p.popen.wait(max(deadline - time.monotonic(), 0.1)) for p in processes]
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      p.popen.kill()
+      p.popen.wait()
+    raise AssertionError(f"not finished after {timeout} s:\n" +
+                         "\n".join(p.output[-3000:] for p in processes)) from None
+
+
+def _run(log: pathlib.Path, workdir: pathlib.Path, *flags: str, num_devices: int = 4) -> str:
+  """Runs main.py to the end, expecting success; returns its output."""
+  process = _Main(log, workdir, *flags, num_devices=num_devices)
+  assert _wait([process]) == [0], process.output[-5000:]
+  return process.output
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_two_processes(log_dir: pathlib.Path, workdir: pathlib.Path, *flags: str,
+                         **env: str) -> list[_Main]:
+  """Processes 0 and 1 of one run, 2 fake CPU devices each, sharing `workdir` (as a pod's GCS)."""
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  return [_Main(log_dir / f"process_{i}.log", workdir, *flags, address, "--num_processes=2",
+                f"--process_id={i}", num_devices=2, **env) for i in range(2)]
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl; a line still being written is left out."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  lines = []
+  for line in path.read_text().splitlines():
+    try:
+      lines.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
+  return lines
+
+
+def _steps(workdir: pathlib.Path, kind: str = "train") -> list[int]:
+  return [m["step"] for m in _metrics(workdir) if m["kind"] == kind]
+
+
+def _results(workdir: pathlib.Path) -> dict:
+  return json.loads((workdir / "results.json").read_text())
+
+
+def _wait_until(condition, processes: list[_Main], what: str, timeout: float = RUN_TIMEOUT_S):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if not all(p.running() for p in processes):
+      raise AssertionError(f"a process ended before {what}:\n" +
+                           "\n".join(p.output[-3000:] for p in processes))
+    if time.monotonic() > deadline:
+      raise AssertionError(f"no {what} after {timeout} s")
+    time.sleep(0.02)
+
+
+def _preempted_step(output: str) -> int:
+  found = PREEMPTED.findall(output)
+  assert len(found) == 1, output[-5000:]
+  return int(found[0])
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> pathlib.Path:
+  """cpu_smoke to the end in one process with 4 devices: checkpoints at 4, 8 and 12."""
+  workdir = tmp_path_factory.mktemp("single") / "workdir"
+  _run(workdir.parent / "main.log", workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[pathlib.Path, list[_Main], pathlib.Path]:
+  """The same run as two processes with 2 devices each, auditing who writes the result files."""
+  log_dir = tmp_path_factory.mktemp("two_processes")
+  (log_dir / "sitecustomize.py").write_text(_WRITE_AUDIT)
+  audit = log_dir / "writes"
+  workdir = log_dir / "workdir"
+  processes = _start_two_processes(
+      log_dir, workdir, CONADV_TEST_WRITE_LOG=str(audit),
+      PYTHONPATH=os.pathsep.join([str(log_dir), os.environ.get("PYTHONPATH", "")]))
+  assert _wait(processes) == [0, 0], "\n".join(p.output[-5000:] for p in processes)
+  return workdir, processes, audit
+
+
+def test_two_processes_match_one_and_only_process_0_writes(single_run, two_process_run):
+  workdir, processes, audit = two_process_run
+  one, two = _results(single_run), _results(workdir)
+  assert two["final_step"] == 12 and two["eval"]["num_examples"] == 64
+  for key in ("loss", "top1"):
+    assert abs(two["eval"][key] - one["eval"][key]) <= 1e-4, (key, one["eval"], two["eval"])
+  assert "Process 0 of 2; 2 local / 4 global devices" in processes[0].output
+  assert "Process 1 of 2; 2 local / 4 global devices" in processes[1].output
+
+  def writes(process):
+    path = pathlib.Path(f"{audit}.{process.popen.pid}")
+    return path.read_text().split() if path.exists() else []
+
+  assert writes(processes[1]) == []
+  assert writes(processes[0]).count("results.json") == 1
+  assert _steps(workdir) == list(range(2, 13, 2)) and _steps(workdir, "eval") == [6, 12]
+  assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 1
+  # Every process took part in every checkpoint (orbax writes one part per process).
+  for step in (4, 8, 12):
+    parts = workdir / "checkpoints" / str(step) / "state"
+    assert (parts / "ocdbt.process_0").is_dir() and (parts / "ocdbt.process_1").is_dir()
+
+
+def test_sigterm_saves_exits_0_and_restart_is_bit_identical(tmp_path):
+  total = 30
+  flags = (f"--config.num_train_steps={total}", "--config.checkpoint_every_steps=4",
+           "--config.log_every_steps=1", "--config.eval_every_steps=15")
+  reference = tmp_path / "uninterrupted"
+  _run(tmp_path / "uninterrupted.log", reference, *flags)
+
+  workdir = tmp_path / "preempted"
+  process = _Main(tmp_path / "preempted.log", workdir, *flags)
+  _wait_until(lambda: (workdir / "checkpoints" / "4").is_dir(), [process], "first checkpoint")
+  target = random.randint(5, total - 10)  # Leaves 10 steps for the signal to arrive.
+  _wait_until(lambda: max(_steps(workdir), default=0) >= target, [process], f"step {target}")
+  signalled = time.monotonic()
+  process.popen.send_signal(signal.SIGTERM)
+  assert _wait([process], timeout=60) == [0], process.output[-5000:]
+  assert time.monotonic() - signalled < 60
+  stopped = _preempted_step(process.output)
+  assert target <= stopped < total, (target, stopped)
+  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+  assert not (workdir / "results.json").exists()
+
+  output = _run(tmp_path / "restarted.log", workdir, *flags)  # The same command again.
+  assert f"resuming from step {stopped} " in output
+  assert _results(workdir)["param_fingerprint"] == _results(reference)["param_fingerprint"]
+  assert _results(workdir)["eval"] == _results(reference)["eval"]
+  assert _steps(workdir) == list(range(1, total + 1)), f"SIGTERM after step {target}"
+  assert _steps(workdir, "eval") == [15, 30]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run, tmp_path):
+  """JAX's preemption sync (jax.distributed is up) makes both processes save the same step."""
+  reference, _, _ = two_process_run
+  workdir = tmp_path / "workdir"
+  flags = ("--config.log_every_steps=1",)  # Finer steps in metrics.jsonl; same training.
+  processes = _start_two_processes(tmp_path, workdir, *flags)
+  _wait_until(lambda: max(_steps(workdir), default=0) >= 2, processes, "step 2")
+  signalled = time.monotonic()
+  processes[1].popen.send_signal(signal.SIGTERM)  # As if only that host got the notice.
+  assert _wait(processes, timeout=60) == [0, 0], "\n".join(p.output[-5000:] for p in processes)
+  assert time.monotonic() - signalled < 60
+  stopped = {_preempted_step(p.output) for p in processes}
+  assert len(stopped) == 1, stopped
+  stopped = stopped.pop()
+  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+
+  (tmp_path / "restart").mkdir()
+  restarted = _start_two_processes(tmp_path / "restart", workdir, *flags)  # The same commands.
+  assert _wait(restarted) == [0, 0], "\n".join(p.output[-5000:] for p in restarted)
+  assert all(f"resuming from step {stopped} " in p.output for p in restarted)
+  assert _results(workdir)["param_fingerprint"] == _results(reference)["param_fingerprint"]
+  assert _steps(workdir) == list(range(1, 13))
+
+
+def _damage(checkpoint: pathlib.Path, how: str) -> pathlib.Path:
+  """Truncates to half, or deletes, the largest file of a checkpoint's state (the FIFO's data)."""
+  victim = max((p for p in (checkpoint / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  if how == "truncated":
+    os.truncate(victim, victim.stat().st_size // 2)
+  else:
+    victim.unlink()
+  return victim
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_damaged_newest_checkpoint_falls_back_and_finishes(single_run, tmp_path, how):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  victim = _damage(workdir / "checkpoints" / "12", how)
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 13, "kind": "tra')  # And a line cut short, as by a kill mid-write.
+
+  output = _run(tmp_path / "main.log", workdir, "--config.num_train_steps=16")
+  assert re.search(r"Checkpoint at step 12 in \S+ cannot be restored", output), victim
+  assert "Restored checkpoint at step 8 " in output
+  assert "resuming from step 8 " in output
+  assert "Replacing the damaged checkpoint at step 12." in output
+  assert _results(workdir)["final_step"] == 16
+  assert _steps(workdir) == list(range(2, 17, 2))  # 10 and 12 again, once each.
+  # Every checkpoint kept now restores, the recomputed 12 included, with finite values.
+  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "config"))
+  assert manager.all_steps() == [8, 12, 16]
+  for step in manager.all_steps():
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    assert int(state["step"]) == step
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(state["params"]))
+
+
+def _chunk_bytes(state: pathlib.Path, key: str) -> tuple[pathlib.Path, int, int]:
+  """(file, offset, length) of one stored chunk, from the checkpoint's OCDBT index."""
+  store = ts.KvStore.open({"driver": "file", "path": f"{state}/"}).result()
+  version = ts.ocdbt.dump(store).result()["versions"][-1]
+  assert version["root_height"] == 0  # A small checkpoint: one b-tree node.
+  entries = ts.ocdbt.dump(store, version["root"]["location"]).result()["entries"]
+  value = next(e["indirect_value"] for e in entries if e["key"] == key.encode())
+  prefix, name, offset, length = value.removeprefix("value:").split(":")
+  return state / prefix / name, int(offset), int(length)
+
+
+def test_checkpoint_part_of_one_process_damaged_both_fall_back(two_process_run, tmp_path):
+  """Only process 1 reads the FIFO rows of its devices; both must resume from one older step."""
+  reference, _, _ = two_process_run
+  workdir = tmp_path / "workdir"
+  shutil.copytree(reference, workdir)
+  # FIFO rows 24..31 (of 32): process 1's second device. Zeroed: the chunk no longer decodes.
+  path, offset, length = _chunk_bytes(workdir / "checkpoints" / "12" / "state",
+                                      "adv_fifo/0.3.0.0.0")
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(bytes(length))
+
+  processes = _start_two_processes(tmp_path, workdir, "--config.num_train_steps=16")
+  assert _wait(processes, timeout=300) == [0, 0], "\n".join(p.output[-5000:] for p in processes)
+  assert "another process could not read its part" in processes[0].output
+  assert re.search(r"Checkpoint at step 12 in \S+ cannot be restored \(\w+", processes[1].output)
+  assert all("resuming from step 8 " in p.output for p in processes)
+  assert _results(workdir)["final_step"] == 16
+  assert _steps(workdir) == list(range(2, 17, 2))
+
+
+@pytest.mark.parametrize("flag,difference", [
+    ("--config.staleness=2", "staleness=1 there but 2 now"),
+    ("--config.model=ResNet18", "model='SmallResNet' there but 'ResNet18' now"),
+])
+def test_checkpoint_of_another_experiment_is_refused_by_name(single_run, tmp_path, flag,
+                                                             difference):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  process = _Main(tmp_path / "main.log", workdir, flag)
+  assert _wait([process], timeout=120) == [2], process.output[-5000:]
+  assert "belongs to a different experiment" in process.output
+  assert difference in process.output
+  assert "Traceback" not in process.output
