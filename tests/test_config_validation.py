@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from cpu_env import cpu_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -47,13 +48,7 @@ CASES = [
 
 
 def _env(**extra: str) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-             **extra)
-  env["XLA_FLAGS"] = " ".join(
-      [f for f in env.get("XLA_FLAGS", "").split()
-       if not f.startswith("--xla_force_host_platform_device_count")]
-      + [f"--xla_force_host_platform_device_count={NUM_DEVICES}"])
-  return env
+  return cpu_env(NUM_DEVICES, **extra)
 
 
 def _run_main(workdir: pathlib.Path, flags: list[str], **env: str) -> tuple[int, str, float]:

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
+from cpu_env import cpu_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -45,15 +46,6 @@ if _LOG:
 '''
 
 
-def _env(num_devices: int, **extra: str) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-             **extra)
-  env["XLA_FLAGS"] = " ".join(
-      [f for f in env.get("XLA_FLAGS", "").split()
-       if not f.startswith("--xla_force_host_platform_device_count")]
-      + [f"--xla_force_host_platform_device_count={num_devices}"])
-  return env
-
 
 class _Main:
   """One `python main.py` process; its output goes to a file (an unread pipe would block it)."""
@@ -64,7 +56,7 @@ class _Main:
     with open(log, "w") as f:
       self.popen = subprocess.Popen(
           [sys.executable, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}", *flags],
-          cwd=REPO, env=_env(num_devices, **env), stdout=f, stderr=subprocess.STDOUT)
+          cwd=REPO, env=cpu_env(num_devices, **env), stdout=f, stderr=subprocess.STDOUT)
 
   @property
   def output(self) -> str:
