@@ -8,7 +8,7 @@ Neither task reads the other's output, so XLA can run them side by side: the cri
 step is one forward/backward instead of two.
 
 The FIFO holds τ adversarial batches as a ring buffer: slot t mod τ holds batch t's. Batch t+τ
-goes into the very slot batch t leaves, since t+τ ≡ t (mod τ). With τ = 0 the FIFO is empty and
+goes into the very slot batch t leaves, since t+τ ≡ t (mod τ). With τ = 0 there is no FIFO and
 the attack on batch t feeds the gradient directly: that is DisAdv, two sequential passes.
 Vanilla skips the attack. Randomness comes from (seed, batch index), so runs are reproducible
 and resumable.
@@ -49,10 +49,6 @@ class MethodConfig:
     if self.staleness < 0 or (self.staleness > 0) != (self.method == "conadv"):
       raise ValueError(f"staleness={self.staleness} with method={self.method!r}: conadv needs "
                        "staleness >= 1; vanilla and disadv need 0.")
-
-  @property
-  def fifo_length(self) -> int:
-    return self.staleness
 
 
 class TrainState(struct.PyTreeNode):

@@ -118,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     variables = model.init(init_rng, jnp.zeros((1, *info.image_shape)), train=False)
     return conadv.TrainState.create(
         params=variables["params"], batch_stats=variables["batch_stats"], tx=tx,
-        fifo_shape=(method.fifo_length, config.batch_size, *info.image_shape), rng=attack_rng)
+        fifo_shape=(method.staleness, config.batch_size, *info.image_shape), rng=attack_rng)
 
   state_shape = jax.eval_shape(init_state)
   shardings = parallel.state_sharding(mesh, state_shape)
