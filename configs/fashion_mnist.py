@@ -2,8 +2,9 @@
 
   python main.py --config=configs/fashion_mnist.py:conadv --workdir=/tmp/fmnist_conadv
 
-Presets: vanilla, disadv, conadv (default; τ = 1). Expected (2-core CPU, see README for the
-measured numbers): ConAdv reaches >= 85 % test top-1 in well under 15 minutes.
+Presets: vanilla, disadv, conadv (default; τ = 1), conadv2 (τ = 2). Measured (README): ConAdv
+reached 87.87 % test top-1 (75.44 % under the training attack) in 13 min 28 s on a 2-core CPU that
+was also running other jobs; expect a little less time on an idle machine.
 """
 import ml_collections
 
