@@ -4,7 +4,6 @@ Each bad value must stop the run before anything is compiled, within 30 s, with 
 status, a message that names the field (`config.<field>=<value> is not allowed: <what is>`) and
 no traceback. Runs on 4 fake CPU devices, so cpu_smoke's batch of 32 is 8 per device.
 """
-import os
 import pathlib
 import subprocess
 import sys
