@@ -18,14 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from conadv_jax import norm
+from conadv_jax.datasets import DatasetSpec
 
-# Per-channel mean and std on the 0-255 scale.
-PIXEL_STATS = {
-    "imagenet2012": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "cifar10": ((125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
-    "fashion_mnist": ((72.94,), (90.02,)),
-    "synthetic": ((127.5,), (73.6,)),  # Uniform 0-255 noise.
-}
 
 
 class BasicBlock(nn.Module):
@@ -75,10 +69,10 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int]
   block_cls: Any
   num_classes: int
+  pixel_mean: Sequence[float]  # Per channel, 0-255 scale (datasets.DatasetSpec).
+  pixel_std: Sequence[float]
   width: int = 64
   small_inputs: bool = False
-  pixel_mean: Sequence[float] = PIXEL_STATS["imagenet2012"][0]
-  pixel_std: Sequence[float] = PIXEL_STATS["imagenet2012"][1]
   bn_branches: Sequence[str] = (norm.MAIN, norm.ADV)
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
@@ -116,20 +110,21 @@ _IMAGENET_RESNETS = {
     "ResNet200": ([3, 24, 36, 3], BottleneckBlock),
 }
 MODEL_NAMES = (*_IMAGENET_RESNETS, "SmallResNet")
+DTYPES = ("float32", "bfloat16")  # Compute dtypes; parameters stay float32.
+ADV_BN_MODES = ("separate", "shared")  # Own BN for adversarial examples, or the clean one.
 SMALL_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
 
 
-def create_model(name: str, *, num_classes: int, dataset: str = "imagenet2012",
-                 dtype: str = "float32", bn_group_size: int | None = None,
+def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
+                 pixel_std: Sequence[float], dtype: str = "float32", bn_group_size: int | None = None,
                  adv_bn: str = "separate", small_resnet_depth: int = 20,
                  small_resnet_width: int = 16) -> ResNet:
   """Builds a model by name; `bn_group_size` None/0 normalises over the whole batch it sees."""
-  if adv_bn not in ("separate", "shared"):
-    raise ValueError(f"adv_bn={adv_bn!r}: use 'separate' or 'shared'.")
-  if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'.")
-  mean, std = PIXEL_STATS.get(dataset, PIXEL_STATS["imagenet2012"])
-  common = dict(num_classes=num_classes, pixel_mean=mean, pixel_std=std,
+  if adv_bn not in ADV_BN_MODES:
+    raise ValueError(f"adv_bn={adv_bn!r}: choose one of {ADV_BN_MODES}.")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}.")
+  common = dict(num_classes=num_classes, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std),
                 bn_branches=(norm.MAIN, norm.ADV) if adv_bn == "separate" else (norm.MAIN,),
                 bn_group_size=bn_group_size or None, dtype=jnp.dtype(dtype))
   if name in _IMAGENET_RESNETS:
@@ -151,11 +146,12 @@ def per_device_bn_group_size(bn_group_size: int | None, global_batch: int,
   return bn_group_size or global_batch // num_devices
 
 
-def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int,
+def create_model_from_config(config: ml_collections.ConfigDict, spec: DatasetSpec,
                              num_devices: int) -> ResNet:
-  """The model a config describes, with BN groups resolved for `num_devices`."""
+  """The model a config describes for dataset `spec`, with BN groups resolved for `num_devices`."""
   return create_model(
-      config.model, num_classes=num_classes, dataset=config.dataset, dtype=config.dtype,
+      config.model, num_classes=spec.num_classes, pixel_mean=spec.pixel_mean,
+      pixel_std=spec.pixel_std, dtype=config.dtype,
       bn_group_size=per_device_bn_group_size(config.bn_group_size, config.batch_size,
                                              num_devices),
       adv_bn=config.adv_bn, small_resnet_depth=config.small_resnet_depth,
