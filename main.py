@@ -1,8 +1,13 @@
 """Entry point: python main.py --config=configs/<file>.py[:preset] --workdir=DIR [--config.x=y].
 
 Thin on purpose: flags, logging and process setup here; everything else in conadv_jax.train.
+Every mistake a user can make (flags, config file, config values, workdir, data, checkpoints of
+another experiment) ends in one `error: ...` line and exit status 2, never a traceback.
 """
+import os
+import socket
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,7 +22,50 @@ flags.DEFINE_string("coordinator_address", None,
                     "HOST:PORT of process 0, for an explicit multi-process launch.")
 flags.DEFINE_integer("num_processes", None, "Processes in an explicit multi-process launch.")
 flags.DEFINE_integer("process_id", None, "This process's index in an explicit launch.")
+flags.DEFINE_integer("distributed_timeout", 120,
+                     "Seconds to wait for every process of a multi-process run to join.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _user_error(message: str) -> None:
+  """A mistake in the command, the setup or the config: the message, no traceback, status 2."""
+  logging.error("%s", message)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with config-file and flag mistakes turned into one error line."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file is run while parsing: point at its line when the error is in there.
+    where = ""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/configs/" in f.filename]
+    if isinstance(e, SyntaxError) and e.filename:
+      where = f" ({e.filename}, line {e.lineno})"
+    elif frames:
+      where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    message = str(e).strip() or type(e).__name__
+    if not isinstance(e, flags.Error):
+      message = f"{type(e).__name__}: {message}"
+    _user_error(f"{message}{where}. Usage: python main.py --config=configs/FILE.py[:PRESET] "
+                "--workdir=DIR [--config.FIELD=VALUE ...]")
+  return []
+
+
+def _check_port_free(address: str) -> None:
+  host, _, port = address.rpartition(":")
+  if not port.isdigit():
+    _user_error(f"--coordinator_address={address} is not HOST:PORT.")
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", int(port)))
+    except OSError as e:
+      _user_error(f"--coordinator_address={address}: port {port} on {host or 'this host'} is "
+                  f"already in use ({e.strerror}); process 0 runs the coordinator there. Pick a "
+                  "free port for every process, or stop the program holding it.")
 
 
 def _initialize_distributed(jax) -> None:
@@ -25,12 +73,32 @@ def _initialize_distributed(jax) -> None:
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if any(x is not None for x in explicit):
     if any(x is None for x in explicit):
-      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
+      _user_error("--coordinator_address, --num_processes and --process_id go together.")
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      _user_error(f"--process_id={FLAGS.process_id} must be in [0, --num_processes="
+                  f"{FLAGS.num_processes}).")
+    if FLAGS.process_id == 0:
+      _check_port_free(FLAGS.coordinator_address)
     # Cross-process collectives between CPU devices need gloo; GPUs and TPUs ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                 FLAGS.process_id,
+                                 initialization_timeout=FLAGS.distributed_timeout)
+    except Exception as e:  # pylint: disable=broad-except
+      _user_error(f"process {FLAGS.process_id} could not join the run at coordinator "
+                  f"{FLAGS.coordinator_address} within --distributed_timeout="
+                  f"{FLAGS.distributed_timeout} s ({type(e).__name__}: {str(e)[:200]}). Start "
+                  f"all {FLAGS.num_processes} processes with the same --coordinator_address and "
+                  "distinct --process_id, check that this host can reach the coordinator's port, "
+                  "or raise --distributed_timeout.")
   elif FLAGS.distributed:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize(initialization_timeout=FLAGS.distributed_timeout)
+    except Exception as e:  # pylint: disable=broad-except
+      _user_error(f"--distributed: not every process joined within --distributed_timeout="
+                  f"{FLAGS.distributed_timeout} s ({type(e).__name__}: {str(e)[:200]}). Start "
+                  "main.py on every host of the job, or raise --distributed_timeout.")
 
 
 class _QuietLibraries:
@@ -41,52 +109,45 @@ class _QuietLibraries:
     return record.levelno > logging.converter.STANDARD_INFO or "/orbax/" not in record.pathname
 
 
-def _user_error(e: Exception) -> None:
-  """A mistake in the command, the setup or the hyperparameters: the message, no traceback,
-  exit status 2."""
-  logging.error("%s", e)
-  print(f"error: {e}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _user_error(f"unexpected arguments {argv[1:]}; flags take the form --name=value.")
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   # Imported here so --help works without initialising JAX or TensorFlow.
   import jax
 
-  from conadv_jax import config_validation
+  from conadv_jax import config_validation, errors
 
   _initialize_distributed(jax)
   logging.info("Process %d of %d; %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.local_devices())
   try:
-    # Before TensorFlow is imported (seconds), so that a mistyped flag fails at once.
+    # Before TensorFlow is imported (seconds), so that a mistyped value fails at once.
     config_validation.validate(FLAGS.config, num_devices=jax.device_count())
-  except config_validation.ConfigError as e:
-    _user_error(e)
-  import tensorflow as tf
+    config_validation.check_same_on_all_processes(FLAGS.config)
+    from conadv_jax import workdir  # pylint: disable=g-import-not-at-top
+    workdir.prepare(FLAGS.workdir)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from conadv_jax import checkpointing, input_pipeline, train
+    from conadv_jax import train  # pylint: disable=g-import-not-at-top
 
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
-  try:
+    tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_validation.ConfigError, checkpointing.CheckpointMismatchError,
-          input_pipeline.DataUnavailableError, train.NonFiniteLossError) as e:
-    _user_error(e)
+  except errors.UserError as e:
+    _user_error(str(e))
   if jax.process_index() == 0:
-    if "preempted_at_step" in results:
-      print(f"Preempted at step {results['preempted_at_step']}; run the same command to resume.")
+    if "stopped_at_step" in results:
+      print(f"Stopped at step {results['stopped_at_step']} ({results['reason']}); run the same "
+            "command to resume.")
     else:
       ev = results["eval"]
       print(f"Final test top-1 {ev['top1']:.4f}" +
             (f", adversarial top-1 {ev['adv_top1']:.4f}" if "adv_top1" in ev else "") +
             f" on {ev['num_examples']} examples after {results['final_step']} steps "
-            f"({results['wall_time_s']:.0f} s); details in {FLAGS.workdir}/results.json")
+            f"({results['wall_time_s']:.0f} s); details in "
+            f"{os.path.join(FLAGS.workdir, 'results.json')}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

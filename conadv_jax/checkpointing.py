@@ -1,33 +1,69 @@
-"""Checkpoints with orbax: the whole TrainState plus what it was made with.
+"""Checkpoints with orbax: the whole TrainState plus the full config and its history.
 
 The state holds everything a resumed run needs to continue bit-identically: parameters, BN
 statistics, optimizer state, the adversarial FIFO and the step (which also fixes the data
-position, since the input order is a function of (seed, step)). A small JSON record of the config
-fields that shape the state lets a mismatched restart fail with a clear message instead of a
-shape error deep inside orbax. A damaged newest checkpoint is skipped for the next older one, by
-every process alike, and replaced when the resumed run reaches its step again.
+position, since the input order is a function of (seed, step)). Restoring tells three cases apart,
+because only one of them may ever cost a checkpoint:
+
+* The checkpoint cannot be read (truncated or missing files, an empty or foreign entry): damaged.
+  All processes agree on that, it is moved aside to `checkpoints_damaged/` (never deleted) and
+  the next older one is tried.
+* It reads, but its arrays' structure, shapes or dtypes differ from the state this config builds,
+  or its config differs in a field that decides the data or what a step is: another experiment.
+  Refused by name (CheckpointMismatchError); nothing in the workdir is touched.
+* It reads and matches: restored. The remaining config differences are the caller's to log.
 """
+import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-# Config fields a checkpoint cannot be resumed across.
-STATE_DEFINING_FIELDS = ("dataset", "model", "method", "staleness", "batch_size", "adv_bn",
-                         "optimizer", "small_resnet_depth", "small_resnet_width", "image_size")
+from conadv_jax import config_history, errors
+
+DAMAGED_DIR = "checkpoints_damaged"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """The workdir holds checkpoints of a different experiment."""
 
 
-def _describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return {k: config.get(k) for k in STATE_DEFINING_FIELDS}
+class CheckpointSaveError(errors.UserError, RuntimeError):
+  """An (asynchronous) checkpoint save failed, e.g. a full disk."""
+
+
+@dataclasses.dataclass
+class Restored:
+  """A restored state, its step and the record saved with it."""
+  state: Any
+  step: int
+  record: dict[str, Any]  # {"config": flat config, "history": [config_history entries]}
+
+
+def state_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{leaf name: (shape, dtype)} as orbax names the leaves, for states and saved metadata."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=False), sep=".")
+  return {name: (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for name, leaf in flat.items() if leaf is not None}
+
+
+def _signature_differences(saved: dict, current: dict, limit: int = 6) -> list[str]:
+  lines = []
+  for name in sorted(saved.keys() | current.keys()):
+    if name not in current:
+      lines.append(f"{name} only in the checkpoint")
+    elif name not in saved:
+      lines.append(f"{name} only in the state this config builds")
+    elif saved[name] != current[name]:
+      (s_shape, s_dtype), (c_shape, c_dtype) = saved[name], current[name]
+      lines.append(f"{name}: {s_shape} {s_dtype} there, {c_shape} {c_dtype} now")
+  return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def _all_processes(ok: bool) -> bool:
@@ -37,99 +73,161 @@ def _all_processes(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
-class Checkpointer:
-  """Saves every `checkpoint_every_steps`, keeps the newest `keep_checkpoints`."""
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {"state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+
+class Checkpointer:
+  """Saves every `every` steps, keeps the newest `keep`; the context closes the manager."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int):
+    if keep < 1:
+      raise ValueError(f"keep={keep}: at least one checkpoint must be kept.")
     # Local paths made absolute for clear messages; URLs (gs://...) kept as they are.
     workdir = str(workdir)
-    self.directory = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir),
-                                  "checkpoints")
-    self._description = _describe(config)
-    self._every = config.checkpoint_every_steps
-    self._damaged = set()  # Steps found unrestorable; replaced when saved again.
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, create=True),
-        item_names=("state", "config"))
+    self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self._every = every
+    self._keep = keep
+    self._manager = None  # Opened after the restore pass, so damaged entries do not count.
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def _open(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
+                                               cleanup_tmp_directories=True),
+          item_handlers=_handlers())
+    return self._manager
 
   def latest_step(self) -> int | None:
-    """The newest step not known to be damaged, or None."""
-    return max((s for s in self._manager.all_steps() if s not in self._damaged), default=None)
+    return self._open().latest_step()
 
   def should_save(self, step: int) -> bool:
     return step % self._every == 0
 
-  def save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Starts an (asynchronous) save unless this step is saved already; True if started."""
-    if step in self._manager.all_steps():
-      if step not in self._damaged:
-        return False
-      # The resumed run recomputed this step bit-identically; only now drop the damaged copy.
-      # Forced: orbax skips steps older than its newest, which may be another damaged one.
-      logging.warning("Replacing the damaged checkpoint at step %d.", step)
-      self._manager.delete(step)
-      self._damaged.discard(step)
-      force = True
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      config=ocp.args.JsonSave(self._description)), force=force)
+  def save(self, step: int, state: Any, record: dict[str, Any], force: bool = False) -> bool:
+    """Starts an asynchronous save unless this step is saved already; True if started."""
+    manager = self._open()
+    if step in manager.all_steps():
+      return False
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointSaveError if a finished asynchronous save failed (cheap, host only)."""
+    if self._manager is None:
+      return
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(
+          f"Saving a checkpoint in {self.directory} failed ({type(e).__name__}: "
+          f"{str(e)[:300]}). The run stopped; the last good checkpoint is step "
+          f"{self._last_good_step()}. Free disk space or fix the storage, then run the same "
+          "command to resume.") from e
+
+  def _last_good_step(self) -> int | None:
+    steps = [int(p.name) for p in epath.Path(self.directory).iterdir()
+             if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()]
+    return max(steps, default=None)
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any got a preemption notice (needs jax.distributed)."""
-    return self._manager.reached_preemption(step)
+    return self._open().reached_preemption(step)
 
-  def restore_latest(self, abstract_state: Any) -> Any | None:
-    """The newest restorable state (sharded as `abstract_state`), or None if there is none."""
+  def restore_latest(self, abstract_state: Any,
+                     config: dict[str, Any]) -> Restored | None:
+    """The newest restorable checkpoint (sharded as `abstract_state`), or None.
+
+    Raises:
+      CheckpointMismatchError: the newest readable checkpoint is of another experiment.
+    """
+    if not epath.Path(self.directory).exists():
+      return None
+    steps = sorted((int(p.name) for p in epath.Path(self.directory).iterdir()
+                    if p.name.isdigit()), reverse=True)
+    me = jax.process_index()
     # Reads without orbax's cross-process barriers: a process failing alone would leave the
     # others waiting in one. The processes agree on each step's outcome below instead.
-    steps = sorted(self._manager.all_steps(), reverse=True)
-    if not steps:
-      return None
-    me = jax.process_index()
     reader = ocp.CheckpointManager(
-        self.directory,
+        self.directory, item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
             create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me})),
-        item_names=("state", "config"))
+                primary_host=me, active_processes={me})))
+    expected = state_signature(abstract_state)
     try:
       for step in steps:
-        state, error = None, None
+        restored, error = None, None
         try:
-          saved = reader.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-          self._check_compatible(step, dict(saved.config))
-          restored = reader.restore(
-              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-          state = restored.state
+          metadata = reader.item_metadata(step)
+          if metadata is None or metadata["state"] is None or metadata["record"] is None:
+            raise ValueError("no readable metadata")
+          record = dict(reader.restore(
+              step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record)
+          saved = state_signature(metadata["state"].tree)
+          # Decided from readable metadata alone, so every process raises alike.
+          self._check_same_experiment(step, saved, expected, record, config)
+          state = reader.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state))).state
           if int(jax.device_get(state.step)) != step:
-            raise ValueError(f"holds step {int(state.step)}")
+            raise ValueError(f"holds step {int(jax.device_get(state.step))}")
+          restored = Restored(state, step, record)
         except CheckpointMismatchError:
           raise
         except Exception as e:  # pylint: disable=broad-except
           error = f"{type(e).__name__}: {str(e)[:300]}"
         # All processes resume from the same step, or the first collective hangs.
-        if _all_processes(error is None):
+        if _all_processes(restored is not None):
           logging.info("Restored checkpoint at step %d from %s.", step, self.directory)
-          return state
-        self._damaged.add(step)
+          return restored
         logging.warning("Checkpoint at step %d in %s cannot be restored (%s); trying an older one.",
                         step, self.directory, error or "another process could not read its part")
+        self._move_aside(step)
     finally:
       reader.close()
     return None
 
-  def _check_compatible(self, step: int, saved: dict[str, Any]) -> None:
-    differing = {k: (saved.get(k), v) for k, v in self._description.items() if saved.get(k) != v}
-    if differing:
-      what = ", ".join(f"{k}={old!r} there but {new!r} now" for k, (old, new) in differing.items())
-      raise CheckpointMismatchError(
-          f"The checkpoint at step {step} in {self.directory} belongs to a different experiment "
-          f"({what}). Resume with the original config, or start this one in a new --workdir.")
+  def _check_same_experiment(self, step: int, saved_signature: dict, expected_signature: dict,
+                             record: dict[str, Any], config: dict[str, Any]) -> None:
+    refused, _ = config_history.compare(record.get("config", {}), config)
+    structure = _signature_differences(saved_signature, expected_signature)
+    if not refused and not structure:
+      return
+    lines = [f"{c.describe()}: refused, {config_history.why_refused(c)}" for c in refused]
+    if structure:
+      others = [c.describe() for c in config_history.compare(record.get("config", {}),
+                                                             config)[1]]
+      lines.append("the saved state differs from the one this config builds (" +
+                   "; ".join(structure) + ")" +
+                   (f"; changed settings: {'; '.join(others)}" if others else ""))
+    raise CheckpointMismatchError(
+        f"The checkpoint at step {step} in {self.directory} belongs to a different experiment: "
+        + "; ".join(lines) + ". Resume with the original config, or start this one in a new "
+        "--workdir. Nothing was changed in the workdir.")
+
+  def _move_aside(self, step: int) -> None:
+    """Moves a damaged step out of orbax's sight (kept for inspection, never deleted)."""
+    if jax.process_index() == 0:
+      target = epath.Path(self.workdir) / DAMAGED_DIR / f"{step}.{int(time.time())}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+      logging.warning("Moved the damaged checkpoint at step %d aside to %s.", step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self.check_for_errors()
 
   def close(self) -> None:
-    self._manager.close()
+    if self._manager is not None:
+      self._manager.close()
+      self._manager = None

@@ -14,7 +14,7 @@ Vanilla skips the attack. Randomness comes from (seed, batch index), so runs are
 and resumable.
 """
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -62,11 +62,12 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array  # Root key of the attacks; the attack on batch i uses fold_in(rng, i).
 
   @classmethod
-  def create(cls, *, params, batch_stats, tx: optax.GradientTransformation,
-             fifo_shape: tuple[int, ...], rng: jax.Array) -> "TrainState":
+  def create(cls, *, params, batch_stats, tx: optax.GradientTransformation, staleness: int,
+             batch_shape: tuple[int, ...], rng: jax.Array) -> "TrainState":
+    """A step-0 state; `batch_shape` is one global batch of images, (B, H, W, C)."""
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                opt_state=tx.init(params), rng=rng,
-               adv_fifo=jnp.zeros(fifo_shape, jnp.float32) if fifo_shape[0] else None)
+               adv_fifo=jnp.zeros((staleness, *batch_shape), jnp.float32) if staleness else None)
 
 
 def linen_forward(module, has_branches: bool = True) -> ForwardFn:
@@ -157,16 +158,16 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: M
 
 
 def make_fill_fifo(forward: ForwardFn, cfg: MethodConfig):
-  """fill_fifo(state, first) -> state whose FIFO holds attacks on batches step..step+τ-1.
+  """fill_slot(state, batch, offset) -> state whose FIFO holds the attack on batch step+offset.
 
-  `first` is the sequence of those τ batches; the attacks use the state's current θ.
+  Before the first step of a fresh run the FIFO must hold attacks on batches 0..τ-1; calling
+  this for offsets 0..τ-1 fills it with θ_0, one compiled program whatever τ is.
   """
   attack = make_attack_fn(forward, cfg)
 
-  def fill_fifo(state: TrainState, first: Sequence[Batch]) -> TrainState:
-    adv = jnp.stack([attack(state.params, state.batch_stats, state.rng, batch, state.step + i)
-                     for i, batch in enumerate(first)])
-    # Batch step+i belongs in slot (step+i) mod τ.
-    return state.replace(adv_fifo=jnp.roll(adv, state.step % cfg.staleness, axis=0))
+  def fill_slot(state: TrainState, batch: Batch, offset: jax.Array) -> TrainState:
+    index = state.step + offset
+    adv = attack(state.params, state.batch_stats, state.rng, batch, index)
+    return state.replace(adv_fifo=state.adv_fifo.at[index % cfg.staleness].set(adv))
 
-  return fill_fifo
+  return fill_slot

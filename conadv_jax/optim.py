@@ -82,8 +82,8 @@ def create_learning_rate_schedule(config: Any, steps_per_epoch: int,
 
   Warmup lasts round(warmup_epochs * steps_per_epoch) steps (0 is allowed: decay from step 0).
   The decay (`lr_schedule`: "polynomial" with power `lr_decay_power`, or "cosine") spans the
-  remaining steps, so the LR equals `end_learning_rate` at `total_steps` and stays there. If the
-  run is shorter than the warmup, the LR never reaches the peak (a warning is logged).
+  remaining steps, so the LR equals `end_learning_rate` at `total_steps` and stays there. A warmup
+  longer than the run is clamped to the run (with a warning).
 
   Args:
     config: reads learning_rate, warmup_epochs, lr_schedule, lr_decay_power, end_learning_rate.
@@ -98,9 +98,12 @@ def create_learning_rate_schedule(config: Any, steps_per_epoch: int,
   if config.warmup_epochs < 0:
     raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs}.")
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  if warmup_steps >= total_steps:
-    logging.warning("Warmup (%d steps) is not shorter than the run (%d steps): the learning rate "
-                    "never reaches its peak %g.", warmup_steps, total_steps, peak)
+  if warmup_steps > total_steps:
+    # A quick check (--config.num_train_steps=3) of a long recipe must still run.
+    logging.warning("Warmup (%d steps) is longer than the run (%d steps): clamped to the run, so "
+                    "the learning rate reaches its peak %g at the last step.", warmup_steps,
+                    total_steps, peak)
+    warmup_steps = total_steps
   # At least one decay step keeps optax's schedules well defined for very short runs.
   decay_steps = max(total_steps - warmup_steps, 1)
 

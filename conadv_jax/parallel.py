@@ -50,8 +50,22 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shape: Any) -> Callab
                  out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 
-def jit_fill_fifo(fill_fifo: Callable, mesh: Mesh, state_shape: Any) -> Callable:
-  """jit(fill_fifo(state, batches)) with each of the τ batches sharded on its batch axis."""
+def jit_fill_fifo(fill_slot: Callable, mesh: Mesh, state_shape: Any) -> Callable:
+  """fill(state, batches, on_slot=None) -> state: `fill_slot` jitted once, run per batch.
+
+  One compiled program fills any number of slots, so compile time and peak memory do not grow
+  with τ; `on_slot(i, state)` is called after slot i is dispatched (progress logging).
+  """
   state_sh = state_sharding(mesh, state_shape)
-  return jax.jit(fill_fifo, in_shardings=(state_sh, batch_sharding(mesh)),
-                 out_shardings=state_sh, donate_argnums=(0,))
+  fill_slot = jax.jit(fill_slot, in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh)),
+                      out_shardings=state_sh, donate_argnums=(0,))
+
+  def fill(state: TrainState, batches: Sequence[Any],
+           on_slot: Callable[[int, TrainState], None] | None = None) -> TrainState:
+    for offset, batch in enumerate(batches):
+      state = fill_slot(state, batch, np.int32(offset))
+      if on_slot is not None:
+        on_slot(offset, state)
+    return state
+
+  return fill

@@ -1,28 +1,33 @@
 """The training loop: data, state, checkpoints, logging and evaluation around the jitted step.
 
-The loop is the same for all three methods and for 1 CPU or a pod. For ConAdv it keeps a
-look-ahead of τ batches: at step t it hands the step batch t and batch t+τ.
+The loop does not know the method. It hands the step (batch t, batch t+τ) from `with_lookahead`;
+vanilla and DisAdv have τ = 0 and get batch t twice. A run is: create or restore the state
+(`_create_or_restore`), step until done or preempted (`_train`), evaluate and record (`_finish`).
 """
 import collections
+import dataclasses
 import hashlib
+import itertools
 import json
 import signal
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from conadv_jax import (attacks, checkpointing, conadv, config_validation, evaluation,
-                        input_pipeline, models, optim, parallel)
+from conadv_jax import (checkpointing, config_history, config_validation, errors, evaluation,
+                        experiment, input_pipeline, parallel, workdir as workdirs)
+
+T = TypeVar("T")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """Training produced a NaN or Inf."""
 
 
@@ -34,51 +39,159 @@ def param_fingerprint(params: Any) -> str:
   return digest.hexdigest()
 
 
-def _logged_by(line: str, resume_step: int) -> bool:
-  try:
-    return json.loads(line)["step"] <= resume_step
-  except (ValueError, KeyError, TypeError):  # Blank, or cut short by a killed run.
-    return False
+def with_lookahead(batches: Iterable[T], staleness: int) -> Iterator[tuple[T, T]]:
+  """Yields (batch t, batch t+τ) for t = 0, 1, ...; with τ = 0, (batch t, batch t)."""
+  batches = iter(batches)
+  window = collections.deque(itertools.islice(batches, staleness))
+  for newest in batches:
+    window.append(newest)
+    yield window.popleft(), newest
 
 
-class MetricsLog:
-  """metrics.jsonl: one JSON object per logged step or eval; process 0 writes."""
+class JsonlWriter(metric_writers.MetricWriter):
+  """metrics.jsonl: one JSON line per write_scalars call, {"step", "kind", values...}.
 
-  def __init__(self, workdir: str, resume_step: int):
+  Keys arrive as "<kind>/<name>" ("train/loss", "eval/top1"). On resume, lines past the restored
+  step are dropped (they will be written again), so every step appears once.
+  """
+
+  def __init__(self, workdir: epath.Path, resume_step: int):
     self.path = epath.Path(workdir) / "metrics.jsonl"  # epath: also gs://.
-    self._enabled = jax.process_index() == 0
-    if self._enabled and self.path.exists():
-      # Lines from after the restored checkpoint will be written again: drop them.
-      kept = [line for line in self.path.read_text().splitlines(keepends=True)
-              if _logged_by(line, resume_step)]
-      self.path.write_text("".join(kept))
+    self.logged: set[tuple[int, str]] = set()
+    self.last_eval: dict[str, Any] | None = None
+    if not self.path.exists():
+      return
+    kept = []
+    for line in self.path.read_text().splitlines(keepends=True):
+      try:
+        record = json.loads(line)
+        step, kind = int(record["step"]), str(record["kind"])
+      except (ValueError, KeyError, TypeError):
+        logging.warning("metrics.jsonl: dropped a line that is not a metrics record (cut short "
+                        "by a killed run?): %r", line[:200])
+        continue
+      if step <= resume_step:
+        kept.append(line)
+        self.logged.add((step, kind))
+        if kind == "eval" and step == resume_step:
+          self.last_eval = {k: v for k, v in record.items() if k not in ("step", "kind")}
+    self.path.write_text("".join(kept))
 
-  def write(self, step: int, kind: str, values: dict[str, float]) -> None:
-    if self._enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    by_kind = collections.defaultdict(dict)
+    for key, value in scalars.items():
+      kind, _, name = key.partition("/")
+      by_kind[kind][name] = float(value) if not isinstance(value, int) else value
+    with self.path.open("a") as f:
+      for kind, values in by_kind.items():
+        f.write(json.dumps({"step": int(step), "kind": kind, **values}) + "\n")
+        self.logged.add((int(step), kind))
+
+  # metrics.jsonl holds scalars only; the TensorBoard writer beside it takes the rest.
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass  # Every line is written (and the file closed) when it is logged.
+
+  def close(self):
+    pass
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (single-process runs).
+class _StopSignals:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between steps.
 
-  With jax.distributed up, JAX's preemption service owns SIGTERM and makes every process agree
-  on the step (Checkpointer.reached_preemption); a Python handler would displace it.
+  Single-process runs only: with jax.distributed up, JAX's preemption service owns SIGTERM and
+  makes every process agree on the step (Checkpointer.reached_preemption). A second Ctrl-C
+  interrupts at once.
   """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None
+    self._previous = {}
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # The next Ctrl-C is a KeyboardInterrupt again.
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class _Run:
+  """The state being trained and what the loop needs to know about where it came from."""
+  state: Any
+  step: int
+  resumed: bool
+  record: dict[str, Any]  # Saved with every checkpoint: {"config": ..., "history": [...]}.
+
+
+def _check_fifo_memory(exp: experiment.Experiment) -> None:
+  """Refuses a FIFO that cannot fit before anything is compiled or allocated."""
+  fifo = exp.fifo_bytes_per_device()
+  if not fifo:
+    return
+  gib = 2**30
+  limit = exp.config.fifo_memory_limit_gib * gib
+  source = f"config.fifo_memory_limit_gib={exp.config.fifo_memory_limit_gib}"
+  if not limit:
+    stats = exp.mesh.devices.flat[0].memory_stats() or {}
+    limit = stats.get("bytes_limit", 0) / 2
+    source = "half of the device's memory"
+  logging.info("Adversarial FIFO: %d batches of %s, %.3f GiB per device.", exp.method.staleness,
+               exp.batch_shape, fifo / gib)
+  if limit and fifo > limit:
+    raise config_validation.ConfigError(
+        f"config.staleness={exp.method.staleness}: the adversarial FIFO would need "
+        f"{fifo / gib:.2f} GiB per device ({exp.method.staleness} x {exp.batch_shape} float32 "
+        f"over {exp.mesh.size} devices), more than {limit / gib:.2f} GiB ({source}). Lower "
+        "staleness or batch_size, use more devices, or raise config.fifo_memory_limit_gib.")
+
+
+def _create_or_restore(exp: experiment.Experiment,
+                       checkpointer: checkpointing.Checkpointer) -> _Run:
+  """The newest checkpoint's state if there is one, else a fresh state; config changes said."""
+  current = config_history.flatten(exp.config)
+  restored = checkpointer.restore_latest(exp.abstract_state(), current)
+  if restored is None:
+    return _Run(exp.init_state(), 0, False, {"config": current, "history": []})
+  if restored.step > exp.total_steps:
+    raise checkpointing.CheckpointMismatchError(
+        f"The checkpoint in {checkpointer.directory} is at step {restored.step}, past this run's "
+        f"{exp.total_steps} steps. Set config.num_train_steps (or num_epochs) to at least "
+        f"{restored.step} to continue it, or start in a new --workdir.")
+  _, accepted = config_history.compare(restored.record.get("config", {}), current)
+  for change in accepted:
+    logging.warning("Resuming with a changed setting: %s.", change.describe())
+  history = list(restored.record.get("history", []))
+  if accepted:
+    history.append(config_history.history_entry(restored.step, accepted))
+  return _Run(restored.state, restored.step, True, {"config": current, "history": history})
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -86,7 +199,8 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _check_finite(step: int, metrics: dict[str, float], checkpointer) -> None:
+def _check_finite(step: int, metrics: dict[str, float],
+                  checkpointer: checkpointing.Checkpointer) -> None:
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
     raise NonFiniteLossError(
@@ -95,128 +209,157 @@ def _check_finite(step: int, metrics: dict[str, float], checkpointer) -> None:
         f"{checkpointer.directory}. Lower learning_rate or check the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json."""
-  config_validation.validate(config, num_devices=jax.device_count())
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  start_time = time.time()
-  info = input_pipeline.get_dataset_info(config)
-  config_validation.validate_against_data(config, info)
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
-  total_steps = optim.total_train_steps(config, steps_per_epoch)
-  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch, total_steps)
-  mesh = parallel.make_mesh()
-  model = models.create_model_from_config(config, info.num_classes, jax.device_count())
-  forward = conadv.linen_forward(model)
-  method = conadv.MethodConfig(
-      method=config.method, num_classes=info.num_classes, staleness=config.staleness,
-      attack=attacks.AttackConfig.from_config(config.attack), clean_weight=config.clean_weight,
-      adv_weight=config.adv_weight, label_smoothing=config.label_smoothing)
-
-  def init_state() -> conadv.TrainState:
-    init_rng, attack_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = model.init(init_rng, jnp.zeros((1, *info.image_shape)), train=False)
-    return conadv.TrainState.create(
-        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx,
-        fifo_shape=(method.staleness, config.batch_size, *info.image_shape), rng=attack_rng)
-
-  state_shape = jax.eval_shape(init_state)
-  shardings = parallel.state_sharding(mesh, state_shape)
-  checkpointer = checkpointing.Checkpointer(workdir, config)
-  state = checkpointer.restore_latest(jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings))
-  resumed = state is not None
-  if not resumed:
-    state = parallel.create_sharded_state(init_state, mesh)
-  start_step = int(jax.device_get(state.step))
-
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  metrics_log = MetricsLog(workdir, start_step)
-  if start_step == 0:
-    parameter_overview.log_parameter_overview(state.params)
-  logging.info("%s %s, %d steps (%d per epoch), %s from step %d on %d devices.", config.method,
-               config.model, total_steps, steps_per_epoch,
-               "resuming" if resumed else "starting", start_step, jax.device_count())
-
-  train_step = parallel.jit_train_step(
-      conadv.make_train_step(forward, tx, method, learning_rate_fn), mesh, state_shape)
-  eval_step = jax.jit(evaluation.make_eval_step(forward, method, config.eval_adversarial))
+def evaluate(exp: experiment.Experiment, state: Any) -> dict[str, float]:
+  """One pass over the eval split with `state`'s main BN."""
   batches = input_pipeline.shard_and_prefetch(
-      input_pipeline.train_batches(config, start_step=start_step),
-      parallel.batch_sharding(mesh), config.prefetch_to_device)
-  lookahead = collections.deque(next(batches) for _ in range(method.staleness))
-  if method.staleness and not resumed:
-    fill_fifo = parallel.jit_fill_fifo(conadv.make_fill_fifo(forward, method), mesh, state_shape)
-    state = fill_fifo(state, tuple(lookahead))
+      input_pipeline.eval_batches(exp.config, exp.info), parallel.batch_sharding(exp.mesh),
+      exp.config.prefetch_to_device)
+  return evaluation.evaluate(exp.eval_step, state, batches)
 
-  def run_eval(step: int) -> dict[str, float]:
-    eval_batches = input_pipeline.shard_and_prefetch(
-        input_pipeline.eval_batches(config), parallel.batch_sharding(mesh),
-        config.prefetch_to_device)
-    results = evaluation.evaluate(eval_step, state, eval_batches)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-    metrics_log.write(step, "eval", results)
-    return results
 
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  preemption = _Preemption()
-  pending, train_summary, eval_results = [], {}, None
-  step = start_step
-  last_log = (step, time.time())
+def _fill_fifo(exp: experiment.Experiment, state: Any, first: list[Any]) -> Any:
+  """Attacks on the first τ batches with θ_0, with progress for large τ."""
+  started = time.time()
+  every = max(len(first) // 10, 1)
+
+  def progress(offset: int, filled: Any) -> None:
+    if (offset + 1) % every == 0 or offset + 1 == len(first):
+      jax.block_until_ready(filled.adv_fifo)
+      logging.info("Filled %d of %d FIFO slots (%.0f s).", offset + 1, len(first),
+                   time.time() - started)
+
+  logging.info("Filling the adversarial FIFO with attacks on the first %d batches.", len(first))
+  return exp.fill_fifo(state, first, progress)
+
+
+def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Checkpointer,
+           writer: metric_writers.MetricWriter, lock: workdirs.RunLock) -> str | None:
+  """Steps `run` to the end or to a stop request; returns the stop reason, None if finished."""
+  config = exp.config
+  batches = input_pipeline.shard_and_prefetch(
+      input_pipeline.train_batches(config, exp.info, start_step=run.step),
+      parallel.batch_sharding(exp.mesh), config.prefetch_to_device)
+  if exp.method.staleness and not run.resumed:
+    first = list(itertools.islice(batches, exp.method.staleness))
+    run.state = _fill_fifo(exp, run.state, first)
+    batches = itertools.chain(first, batches)
+  stream = with_lookahead(batches, exp.method.staleness)
+
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else exp.steps_per_epoch
+  report_progress = periodic_actions.ReportProgress(num_train_steps=exp.total_steps,
+                                                    writer=writer)
+  hooks = [report_progress]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    # Starts after two steps of this (re)start, so compilation stays out of the trace.
+    hooks.append(periodic_actions.Profile(
+        logdir=checkpointer.workdir, num_profile_steps=config.profile_steps,
+        first_profile=run.step + 3, every_secs=None))
+  signals = _StopSignals()
+  pending = []
+  last_log = (run.step, time.time())
   try:
-    while step < total_steps:
-      if method.staleness:
-        batch = lookahead.popleft()
-        lookahead.append(next(batches))
-        batch_ahead = lookahead[-1]
-      else:
-        batch = batch_ahead = next(batches)
-      state, metrics = train_step(state, batch, batch_ahead)
+    while run.step < exp.total_steps:
+      batch, batch_ahead = next(stream)
+      run.state, metrics = exp.train_step(run.state, batch, batch_ahead)
       pending.append(metrics)
-      step += 1
-      report_progress(step)
-      stop = preemption.requested or checkpointer.reached_preemption(step)
-      save = checkpointer.should_save(step) or stop
-      if pending and (step % config.log_every_steps == 0 or save or step == total_steps):
-        train_summary = _mean_metrics(pending)
+      run.step += 1
+      for hook in hooks:
+        hook(run.step)
+      checkpointer.check_for_errors()
+      stop = signals.requested or (
+          "preemption notice" if checkpointer.reached_preemption(run.step) else None)
+      save = checkpointer.should_save(run.step) or stop
+      last = run.step == exp.total_steps
+      if pending and (run.step % config.log_every_steps == 0 or save or last):
+        summary = _mean_metrics(pending)
         pending = []
-        _check_finite(step, train_summary, checkpointer)
+        _check_finite(run.step, summary, checkpointer)
         now = time.time()
-        train_summary["images_per_sec_per_device"] = (
-            (step - last_log[0]) * config.batch_size / (now - last_log[1]) / jax.device_count())
-        last_log = (step, now)
-        writer.write_scalars(step, {f"train/{k}": v for k, v in train_summary.items()})
-        metrics_log.write(step, "train", train_summary)
+        summary["images_per_sec_per_device"] = (
+            (run.step - last_log[0]) * config.batch_size / (now - last_log[1]) /
+            jax.device_count())
+        last_log = (run.step, now)
+        writer.write_scalars(run.step, {f"train/{k}": v for k, v in summary.items()})
+        run.record["last_train"] = summary
+        lock.heartbeat()
       if save:
-        checkpointer.save(step, state, force=stop)
-      if step % eval_every == 0 or step == total_steps:
-        eval_results = run_eval(step)
-        last_log = (step, time.time())  # Keep eval time out of the throughput.
+        checkpointer.save(run.step, run.state, run.record, force=bool(stop))
+      if run.step % eval_every == 0 and not last:  # The last step's eval is _finish's.
+        results = evaluate(exp, run.state)
+        writer.write_scalars(run.step, {f"eval/{k}": v for k, v in results.items()})
+        last_log = (run.step, time.time())  # Keep eval time out of the throughput.
       if stop:
         checkpointer.wait_until_finished()
-        logging.warning("Preempted: saved a checkpoint at step %d; the same command resumes.",
-                        step)
-        return {"preempted_at_step": step}
-    if eval_results is None:  # Resumed at the very end.
-      eval_results = run_eval(step)
-    checkpointer.save(step, state, force=True)
-    checkpointer.wait_until_finished()
+        logging.warning("Stopped by %s: saved a checkpoint at step %d; the same command resumes.",
+                        stop, run.step)
+        return stop
   finally:
-    preemption.restore()
-    writer.flush()
+    signals.restore()
+  return None
 
+
+def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Checkpointer,
+            writer: metric_writers.MultiWriter, jsonl: JsonlWriter | None,
+            start_time: float) -> dict[str, Any]:
+  """Final eval (unless this step's is logged already), last checkpoint, results.json."""
+  if jsonl is not None and jsonl.last_eval is not None and (run.step, "eval") in jsonl.logged:
+    eval_results = jsonl.last_eval  # A rerun of a finished run: the eval line is there.
+  else:
+    eval_results = evaluate(exp, run.state)
+    writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
+  checkpointer.save(run.step, run.state, run.record, force=True)
+  checkpointer.wait_until_finished()
+  train_summary = run.record.get("last_train", {})
   results = {
-      "config": config.to_dict(),
-      "final_step": step,
+      "config": exp.config.to_dict(),
+      "config_history": run.record["history"],
+      "final_step": run.step,
       "eval": {k: eval_results.get(k) for k in ("top1", "top5", "loss", "adv_top1",
                                                  "num_examples") if k in eval_results},
       "train": {"loss": train_summary.get("loss"), "top1": train_summary.get("clean_top1")},
       "wall_time_s": time.time() - start_time,
-      "param_fingerprint": param_fingerprint(state.params),
+      "param_fingerprint": param_fingerprint(run.state.params),
   }
-  if is_chief:
-    (epath.Path(workdir) / "results.json").write_text(json.dumps(results, indent=2, default=str))
-  logging.info("Final eval at step %d: %s", step, results["eval"])
+  if jax.process_index() == 0:
+    (epath.Path(checkpointer.workdir) / "results.json").write_text(
+        json.dumps(results, indent=2, default=str))
+  logging.info("Final eval at step %d: %s", run.step, results["eval"])
   return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json.
+
+  Returns results.json's contents, or {"stopped_at_step": k, "reason": ...} after SIGTERM,
+  SIGINT or a preemption notice (a checkpoint at step k is saved; the same call resumes).
+  """
+  start_time = time.time()
+  config_validation.validate(config, num_devices=jax.device_count())
+  path = workdirs.prepare(workdir)
+  with workdirs.RunLock(path) as lock:
+    info = input_pipeline.get_dataset_info(config)
+    config_validation.validate_against_data(config, info)
+    exp = experiment.build(config, info)
+    _check_fifo_memory(exp)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+      (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    with checkpointing.Checkpointer(path, every=config.checkpoint_every_steps,
+                                    keep=config.keep_checkpoints) as checkpointer:
+      run = _create_or_restore(exp, checkpointer)
+      jsonl = JsonlWriter(path, run.step) if is_chief else None
+      writer = metric_writers.MultiWriter(
+          [metric_writers.create_default_writer(path, just_logging=not is_chief)] +
+          ([jsonl] if jsonl else []))
+      try:
+        if not run.resumed:
+          parameter_overview.log_parameter_overview(run.state.params)
+        logging.info("%s %s, %d steps (%d per epoch), %s from step %d on %d devices.",
+                     config.method, config.model, exp.total_steps, exp.steps_per_epoch,
+                     "resuming" if run.resumed else "starting", run.step, jax.device_count())
+        stop = _train(exp, run, checkpointer, writer, lock)
+        if stop:
+          return {"stopped_at_step": run.step, "reason": stop}
+        return _finish(exp, run, checkpointer, writer, jsonl, start_time)
+      finally:
+        writer.close()

@@ -9,8 +9,7 @@ development machine); the README lists only numbers from real runs.
 """
 import ml_collections
 
-from configs import default
-from configs import fashion_mnist
+from configs import common, default
 
 
 def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
@@ -30,4 +29,4 @@ def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
-  return fashion_mnist.set_method(config, preset)
+  return common.set_method(config, preset)

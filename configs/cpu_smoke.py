@@ -8,8 +8,7 @@ Presets: vanilla, disadv, conadv (default), conadv2.
 """
 import ml_collections
 
-from configs import default
-from configs import fashion_mnist
+from configs import common, default
 
 
 def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
@@ -32,4 +31,4 @@ def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
   config.eval_every_steps = 6
   config.checkpoint_every_steps = 4
   config.shuffle_buffer_size = 256
-  return fashion_mnist.set_method(config, preset)
+  return common.set_method(config, preset)

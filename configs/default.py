@@ -3,8 +3,10 @@
 Other config files start from `get_config()` here and override what differs. Field names are a
 contract that researchers sweep over (`--config.staleness=2`); rename none of them.
 
-Usage (trains the default small ResNet with ConAdv on Fashion-MNIST, as configs/fashion_mnist.py):
+Usage (ConAdv, τ = 1, with a depth-8 SmallResNet on Fashion-MNIST for 5 epochs with SGD; the
+tuned Fashion-MNIST recipe is configs/fashion_mnist.py):
   python main.py --config=configs/default.py --workdir=/tmp/conadv_default
+Every field is checked by conadv_jax/config_validation.py (FIELD_RULES) before anything runs.
 """
 import ml_collections
 
@@ -25,13 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Train-time augmentation: Inception crop + flip (ImageNet), pad-and-crop + flip (small images).
   config.augment = True
   config.eval_batch_size = 1_000  # Global; the last batch is padded and masked.
-  # synthetic only: how many examples, how many classes, and image side.
-  config.synthetic_num_examples = 4_096
+  # synthetic only: how many examples and classes (image_size 0 means 32).
+  config.synthetic_num_examples = 4_096  # Train split; the eval split has a quarter as many.
   config.synthetic_num_classes = 10
 
   # Model. `model` is a ResNet name (ResNet18 ... ResNet200) or SmallResNet (28x28 / 32x32).
   config.model = "SmallResNet"
-  config.small_resnet_depth = 8  # 6n+2 layers: 8, 14, 20, 32, 44, 56.
+  config.small_resnet_depth = 8  # 6n+2 layers: 8, 14, 20, 26, 32, 44, 56, 110.
   config.small_resnet_width = 16  # Channels of the first stage; doubled per stage.
   config.dtype = "float32"  # Compute dtype: float32 | bfloat16. Parameters stay float32.
   config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device batch.
@@ -60,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # -1: derive from num_epochs; a positive value overrides it.
   config.optimizer = "sgd"  # lars | sgd | lamb
   config.learning_rate = 0.1
-  config.warmup_epochs = 1.0
+  config.warmup_epochs = 1.0  # Clamped (with a warning) to the run when the run is shorter.
   config.lr_schedule = "cosine"  # cosine | polynomial
   config.lr_decay_power = 2.0  # polynomial only.
   config.end_learning_rate = 0.0
@@ -78,4 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.eval_adversarial = True  # Also report accuracy under the training attack.
   config.prefetch_to_device = 2
+  # Largest adversarial FIFO per device, in GiB; 0: half the device's memory (unchecked on CPU).
+  config.fifo_memory_limit_gib = 0.0
+  config.profile_steps = 0  # > 0: trace this many steps for TensorBoard's profiler.
   return config

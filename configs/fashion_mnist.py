@@ -8,11 +8,11 @@ was also running other jobs; expect a little less time on an idle machine.
 """
 import ml_collections
 
-from configs import default
+from configs import common, default
 
 
 def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
-  """Returns the Fashion-MNIST config for `preset` (vanilla | disadv | conadv)."""
+  """Returns the Fashion-MNIST config for a method preset of configs/common.py."""
   config = default.get_config()
   config.dataset = "fashion_mnist"
   config.model = "SmallResNet"
@@ -30,14 +30,5 @@ def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
   config.eval_batch_size = 1_000
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
-  return set_method(config, preset)
+  return common.set_method(config, preset)
 
-
-def set_method(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-  """Applies a method preset: vanilla, disadv or conadv (τ = 1); conadv2 gives τ = 2."""
-  methods = {"vanilla": ("vanilla", 0), "disadv": ("disadv", 0), "conadv": ("conadv", 1),
-             "conadv2": ("conadv", 2)}
-  if preset not in methods:
-    raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(methods)}.")
-  config.method, config.staleness = methods[preset]
-  return config

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import pytest
 
 from conadv_jax import config_validation, input_pipeline, models
-from configs import imagenet_resnet50
+from configs import common, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
 CASES = ([("default", None)] + [(f, p) for f in ("fashion_mnist", "cpu_smoke", "cifar10")
                                 for p in METHOD_PRESETS] +
-         [("imagenet_resnet50", f"{m}_{b}") for m in imagenet_resnet50.METHODS
+         [("imagenet_resnet50", f"{m}_{b}") for m in common.METHOD_PRESETS
           for b in imagenet_resnet50.BATCH_SIZES])
 IMAGE_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
                 "imagenet2012": (224, 224, 3)}

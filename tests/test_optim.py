@@ -210,10 +210,11 @@ def test_zero_warmup_starts_at_peak(kind):
   assert math.isclose(_value(schedule, TOTAL), END, rel_tol=1e-5)
 
 
-def test_run_shorter_than_warmup_still_builds():
-  config = _config(learning_rate=PEAK, warmup_epochs=5.0)
+def test_warmup_longer_than_the_run_is_clamped_to_it():
+  config = _config(learning_rate=PEAK, warmup_epochs=5.0)  # 50 warmup steps, 3-step run.
   schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10, total_steps=3)
-  assert math.isclose(_value(schedule, 2), PEAK * 2 / 50, rel_tol=1e-6)
+  assert [round(_value(schedule, s), 6) for s in range(4)] == [
+      0.0, round(PEAK / 3, 6), round(PEAK * 2 / 3, 6), PEAK]
 
 
 def test_unknown_schedule_raises():

@@ -1,0 +1,103 @@
+"""One builder for a run's model, state and jitted steps.
+
+train.py, scripts/benchmark_step.py, the tests and docs/api.md all build through `build`, so the
+model, the optimizer, the method and the shardings fit together the same way everywhere.
+"""
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from conadv_jax import attacks, conadv, evaluation, input_pipeline, models, optim, parallel
+
+
+def method_config(config: ml_collections.ConfigDict, num_classes: int) -> conadv.MethodConfig:
+  """What the train step computes, from the config's method and attack fields."""
+  return conadv.MethodConfig(
+      method=config.method, num_classes=num_classes, staleness=config.staleness,
+      attack=attacks.AttackConfig.from_config(config.attack), clean_weight=config.clean_weight,
+      adv_weight=config.adv_weight, label_smoothing=config.label_smoothing)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """The pieces of a run; the jitted functions are built (and compiled) on first use."""
+  config: ml_collections.ConfigDict
+  info: input_pipeline.DatasetInfo
+  mesh: jax.sharding.Mesh
+  model: Any
+  forward: conadv.ForwardFn
+  method: conadv.MethodConfig
+  tx: optax.GradientTransformation
+  learning_rate_fn: optax.Schedule
+  steps_per_epoch: int
+  total_steps: int
+  init_fn: Callable[[], conadv.TrainState]
+  state_shape: conadv.TrainState  # ShapeDtypeStructs.
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return (self.config.batch_size, *self.info.image_shape)
+
+  def init_state(self) -> conadv.TrainState:
+    """A step-0 state, every leaf created directly with its sharding."""
+    return parallel.create_sharded_state(self.init_fn, self.mesh)
+
+  def abstract_state(self) -> conadv.TrainState:
+    """The state's shapes with their shardings, as a restore target."""
+    shardings = parallel.state_sharding(self.mesh, self.state_shape)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        self.state_shape, shardings)
+
+  @functools.cached_property
+  def train_step(self) -> Callable:
+    """(state, batch_t, batch_t+τ) -> (state, metrics), jitted with the state donated."""
+    step = conadv.make_train_step(self.forward, self.tx, self.method, self.learning_rate_fn)
+    return parallel.jit_train_step(step, self.mesh, self.state_shape)
+
+  @functools.cached_property
+  def fill_fifo(self) -> Callable:
+    """(state, τ batches, on_slot=None) -> state whose FIFO holds their attacks with θ."""
+    return parallel.jit_fill_fifo(conadv.make_fill_fifo(self.forward, self.method), self.mesh,
+                                  self.state_shape)
+
+  @functools.cached_property
+  def eval_step(self) -> Callable:
+    return jax.jit(evaluation.make_eval_step(self.forward, self.method,
+                                             self.config.eval_adversarial))
+
+  def fifo_bytes_per_device(self) -> int:
+    """Memory of the adversarial FIFO on each device (it is sharded like the batches)."""
+    if self.state_shape.adv_fifo is None:
+      return 0
+    fifo = self.state_shape.adv_fifo
+    return fifo.size * fifo.dtype.itemsize // self.mesh.size
+
+
+def build(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+          mesh: jax.sharding.Mesh | None = None) -> Experiment:
+  """Everything a run of `config` on data `info` needs, on `mesh` (default: all devices)."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
+  total_steps = optim.total_train_steps(config, steps_per_epoch)
+  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch, total_steps)
+  model = models.create_model_from_config(config, info.spec, mesh.size)
+  method = method_config(config, info.num_classes)
+
+  def init_fn() -> conadv.TrainState:
+    init_rng, attack_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = model.init(init_rng, jnp.zeros((1, *info.image_shape)), train=False)
+    return conadv.TrainState.create(
+        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx,
+        staleness=method.staleness, batch_shape=(config.batch_size, *info.image_shape),
+        rng=attack_rng)
+
+  return Experiment(
+      config=config, info=info, mesh=mesh, model=model, forward=conadv.linen_forward(model),
+      method=method, tx=tx, learning_rate_fn=learning_rate_fn, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, init_fn=init_fn, state_shape=jax.eval_shape(init_fn))
