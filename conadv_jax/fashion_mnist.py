@@ -5,19 +5,23 @@ copy (`apt-get install dataset-fashion-mnist`) does not match. So `FashionMnistI
 IDX files of a local folder once into a TFDS dataset `fashion_mnist_idx` with the same features
 and splits; `get_builder` picks whichever source is available, so training works offline.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import gzip
 import inspect
 import os
 import struct
+import zlib
 
 from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from conadv_jax import errors
+
 # Where Debian's dataset-fashion-mnist package puts the IDX files.
 DEBIAN_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -38,12 +42,25 @@ _IDX_DTYPES = {
 }
 
 
-class IdxFormatError(ValueError):
-  """An IDX file is truncated, corrupt or not the array we expect."""
+class IdxFormatError(errors.UserError, ValueError):
+  """An IDX file is truncated, corrupt or not the array we expect; the message says the fix."""
 
 
-class FashionMnistUnavailableError(ValueError):
-  """Fashion-MNIST is neither prepared, nor available as local IDX files, nor downloadable."""
+class FashionMnistUnavailableError(errors.UserError, ValueError):
+  """Fashion-MNIST is not readably prepared, not in local IDX files and not downloadable."""
+
+
+def _idx_error(path: str, problem: str) -> IdxFormatError:
+  """An IdxFormatError whose message ends with how to get an intact copy of `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if folder == os.path.abspath(DEBIAN_IDX_DIR):
+    fix = ("reinstall the package that installed it: "
+           "`sudo apt-get install --reinstall dataset-fashion-mnist`.")
+  else:
+    fix = (f"replace {path} with an intact copy (e.g. from {DEBIAN_IDX_DIR} after `apt-get "
+           f"install dataset-fashion-mnist`, or from {HOMEPAGE}), or remove the IDX files from "
+           f"{folder} so that the Debian copy or the TFDS download is used instead.")
+  return IdxFormatError(f"{problem} To fix it, {fix}")
 
 
 def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> np.ndarray:
@@ -65,29 +82,30 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
   try:
     with opener(path, "rb") as f:
       data = f.read()
-  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
-    raise IdxFormatError(f"Cannot read IDX file {path}: {e}") from e
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
+    raise _idx_error(path, f"Cannot read IDX file {path} ({type(e).__name__}: {e}).") from e
   if len(data) < 4:
-    raise IdxFormatError(f"{path} is not an IDX file: only {len(data)} bytes.")
+    raise _idx_error(path, f"{path} is not an IDX file: only {len(data)} bytes.")
   zero, type_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-    raise IdxFormatError(
-        f"{path} is not an IDX file: bad magic number 0x{data[:4].hex()} (expected 00 00, a type "
-        "code such as 08 for ubyte, and the number of dimensions, e.g. 00000803 for images).")
+    raise _idx_error(
+        path, f"{path} is not an IDX file: bad magic number 0x{data[:4].hex()} (expected 00 00, "
+        "a type code such as 08 for ubyte, and the number of dimensions, e.g. 00000803 for "
+        "images).")
   if expected_ndim is not None and ndim != expected_ndim:
-    raise IdxFormatError(
-        f"{path}: IDX file has {ndim} dimensions (magic 0x{data[:4].hex()}), expected "
+    raise _idx_error(
+        path, f"{path}: IDX file has {ndim} dimensions (magic 0x{data[:4].hex()}), expected "
         f"{expected_ndim}.")
   header_end = 4 + 4 * ndim
   if len(data) < header_end:
-    raise IdxFormatError(f"{path}: IDX header truncated.")
+    raise _idx_error(path, f"{path}: IDX header truncated.")
   shape = struct.unpack(f">{ndim}I", data[4:header_end])
   dtype = _IDX_DTYPES[type_code]
   expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(data) - header_end != expected_bytes:
-    raise IdxFormatError(
-        f"{path}: IDX shape {shape} needs {expected_bytes} bytes of data, the file has "
-        f"{len(data) - header_end}.")
+    raise _idx_error(
+        path, f"{path}: IDX shape {shape} needs {expected_bytes} bytes of data, the file has "
+        f"{len(data) - header_end} (truncated or corrupt).")
   array = np.frombuffer(data, dtype=dtype, offset=header_end).reshape(shape)
   return array.astype(dtype.newbyteorder("="))
 
@@ -125,16 +143,20 @@ def load_split(folder: str | os.PathLike[str], split: str) -> tuple[np.ndarray, 
   labels_path = os.path.join(folder, labels_name)
   images = read_idx(images_path, expected_ndim=3)
   labels = read_idx(labels_path, expected_ndim=1)
-  if images.dtype != np.uint8 or labels.dtype != np.uint8:
-    raise IdxFormatError(
-        f"{images_path} / {labels_path}: expected ubyte data, got {images.dtype} / {labels.dtype}.")
+  if images.dtype != np.uint8:
+    raise _idx_error(images_path, f"{images_path}: expected ubyte data, got {images.dtype}.")
+  if labels.dtype != np.uint8:
+    raise _idx_error(labels_path, f"{labels_path}: expected ubyte data, got {labels.dtype}.")
   if images.shape[1:] != (28, 28):
-    raise IdxFormatError(f"{images_path}: images are {images.shape[1:]}, expected (28, 28).")
+    raise _idx_error(images_path,
+                     f"{images_path}: images are {images.shape[1:]}, expected (28, 28).")
   if len(images) != len(labels):
-    raise IdxFormatError(
+    raise _idx_error(
+        images_path,
         f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels.")
   if labels.size and labels.max() >= len(CLASS_NAMES):
-    raise IdxFormatError(f"{labels_path}: label {labels.max()} is not in [0, {len(CLASS_NAMES)}).")
+    raise _idx_error(labels_path,
+                     f"{labels_path}: label {labels.max()} is not in [0, {len(CLASS_NAMES)}).")
   return images, labels
 
 
@@ -167,7 +189,7 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.ClassLabel(names=CLASS_NAMES),
         }),
         supervised_keys=("image", "label"),
-        homepage="https://github.com/zalandoresearch/fashion-mnist",
+        homepage=HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -190,6 +212,22 @@ def _download_and_prepare_official(builder: tfds.core.DatasetBuilder) -> None:
   builder.download_and_prepare()
 
 
+def _open_builder(make: Callable[[], tfds.core.DatasetBuilder], name: str,
+                  data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """`make()`, or a FashionMnistUnavailableError saying which prepared copy to delete.
+
+  Building a builder reads the metadata of a prepared copy, if any; a corrupt copy fails there
+  with whatever its parser raises (JSON, protobuf, OS errors).
+  """
+  try:
+    return make()
+  except Exception as e:  # pylint: disable=broad-except
+    folder = os.path.join(data_dir or tfds.core.constants.DATA_DIR, name)
+    raise FashionMnistUnavailableError(
+        f"The prepared {name} in {folder} cannot be read ({type(e).__name__}: {e}); it is corrupt "
+        f"or incomplete. Delete {folder} and run again: it is prepared afresh.") from e
+
+
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   # is_prepared() alone logs a warning for every version folder that does not exist.
   return builder.data_path.exists() and builder.is_prepared()
@@ -206,13 +244,15 @@ def get_builder(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     data_dir: TFDS data dir (None: TFDS's default); may also hold the four IDX files.
 
   Raises:
-    FashionMnistUnavailableError: none of the above worked; the message says how to fix it.
-    IdxFormatError: an IDX file found is corrupt.
+    FashionMnistUnavailableError: none of the above worked, or a prepared copy is unreadable;
+      the message says how to fix it.
+    IdxFormatError: an IDX file found is corrupt; the message names it and how to replace it.
   """
-  official = tfds.builder("fashion_mnist", data_dir=data_dir)
+  official = _open_builder(lambda: tfds.builder("fashion_mnist", data_dir=data_dir),
+                           "fashion_mnist", data_dir)
   if _is_prepared(official):
     return official
-  local = FashionMnistIdx(data_dir=data_dir)
+  local = _open_builder(lambda: FashionMnistIdx(data_dir=data_dir), "fashion_mnist_idx", data_dir)
   if _is_prepared(local):
     return local
   for folder in _idx_folders(data_dir):

@@ -1,10 +1,16 @@
 """Deterministic, resumable, per-process tf.data input pipelines yielding numpy batches.
 
-Each process reads only its slice of a split and yields host-local batches; `shard_and_prefetch`
-assembles them into global jax.Arrays. Training batches depend only on (config.seed, step):
-every epoch gets shuffle seeds derived from (seed, epoch) and every example augmentation seeds
-derived from (seed, epoch, its position in the epoch), so a run resumed at step k sees exactly
-the batches an uninterrupted run sees from step k on (for the same process count).
+Per-dataset facts (splits, sizes, channels, source, augmentation recipe) come from the registry
+(`datasets.get_spec`); `get_dataset_info` resolves the prepared data once and the pipelines take
+its result. Each process reads only its slice of a split and yields host-local batches;
+`shard_and_prefetch` assembles them into global jax.Arrays.
+
+Every source (TFDS or generated) offers one hook, `epoch(epoch, skip)`: this process's examples
+of that epoch, preprocessed, in batch order, without the first `skip`. Training batches depend
+only on (config.seed, step): every epoch gets shuffle seeds derived from (seed, epoch) and every
+example augmentation seeds derived from (seed, epoch, its position in the epoch), so a run resumed
+at step k sees exactly the batches an uninterrupted run sees from step k on (for the same process
+count; for generated data, global batches do not depend on the process count either).
 
 Batches are dicts of numpy arrays: 'image' float32 raw pixels in [0, 255] (B, H, W, C) (the
 model normalises), 'label' int32 (B,), and for eval 'mask' float32 (B,), 0 on padding.
@@ -12,9 +18,8 @@ model normalises), 'label' int32 (B,), and for eval 'mask' float32 (B,), 0 on pa
 from collections.abc import Callable, Iterator
 import collections
 import dataclasses
-import functools
-import math
 import os
+import re
 
 import jax
 import ml_collections
@@ -22,243 +27,212 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conadv_jax import augment
+from conadv_jax import datasets
+from conadv_jax import errors
 from conadv_jax import fashion_mnist
-
-# Side of model inputs when config.image_size is 0.
-NATIVE_IMAGE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "imagenet2012": 224, "synthetic": 32}
-DATASETS = tuple(NATIVE_IMAGE_SIZE)
-_EVAL_SPLIT = {"fashion_mnist": "test", "cifar10": "test", "imagenet2012": "validation"}
-_SMALL_IMAGE_PADDING = 4  # Pixels of reflect padding before the random crop (CIFAR recipe).
-_CROP_PADDING = 32  # ImageNet eval: crop image_size / (image_size + 32) of the shorter side.
-_RRC_AREA_RANGE = (0.08, 1.0)
-_RRC_ASPECT_RANGE = (3 / 4, 4 / 3)
-_RRC_MAX_ATTEMPTS = 10
 
 Batch = dict[str, np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the model and the loop need to know about a dataset, without reading it."""
-  num_classes: int
-  image_shape: tuple[int, int, int]  # (H, W, C) of model inputs after preprocessing.
-  num_train_examples: int
-  num_eval_examples: int
+# ------------------------------------------------------------------------------------------------
+# Errors a user can fix; each message names the field, file or folder and the fix.
+
+
+class DataUnavailableError(errors.UserError, ValueError):
+  """The dataset is not prepared and cannot be prepared here; the message says how."""
+
+
+class DataDirError(DataUnavailableError):
+  """config.data_dir is not a readable folder."""
+
+
+class CorruptDataError(DataUnavailableError):
+  """A prepared copy of the dataset cannot be read; the message says which folder to delete."""
+
+
+class DataMismatchError(errors.UserError, ValueError):
+  """The prepared data disagrees with its registry entry on classes or channels."""
+
+
+class InputConfigError(errors.UserError, ValueError):
+  """A config field the input pipeline cannot use (batch sizes, image size)."""
 
 
 # ------------------------------------------------------------------------------------------------
 # Dataset resolution.
 
 
-class DataUnavailableError(ValueError):
-  """The dataset is not prepared and cannot be prepared here; the message says how."""
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the loop need to know about a dataset, resolved once per run.
+
+  Attributes:
+    spec: the registry entry; its num_classes and pixel statistics are what the model uses.
+    num_classes: label count of the prepared data (equal to spec.num_classes, checked).
+    image_shape: (H, W, C) of model inputs after preprocessing.
+    num_train_examples: examples in the prepared train split.
+    num_eval_examples: examples in the prepared eval split.
+    builder: the prepared TFDS builder (None for generated data), kept so that the pipelines
+      neither resolve nor re-read it.
+  """
+  spec: datasets.DatasetSpec
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train_examples: int
+  num_eval_examples: int
+  builder: tfds.core.DatasetBuilder | None = dataclasses.field(
+      default=None, compare=False, repr=False)
 
 
-def _check_dataset(config: ml_collections.ConfigDict) -> str:
-  if config.dataset not in DATASETS:
-    raise ValueError(
-        f"Unknown dataset {config.dataset!r}; config.dataset must be one of {', '.join(DATASETS)}.")
-  return config.dataset
-
-
-def _image_size(config: ml_collections.ConfigDict) -> int:
-  size = config.image_size or NATIVE_IMAGE_SIZE[_check_dataset(config)]
+def _image_size(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec) -> int:
+  size = config.image_size or spec.native_image_size
   if size <= 0:
-    raise ValueError(f"config.image_size must be >= 0, got {config.image_size}.")
+    raise InputConfigError(f"config.image_size={config.image_size} is not allowed: use 0 (the "
+                           f"dataset's native {spec.native_image_size}) or a positive side.")
   return size
 
 
-def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Returns the prepared TFDS builder of a non-synthetic dataset, preparing it if we can."""
-  name = _check_dataset(config)
-  if name == "fashion_mnist":
+def _check_data_dir(data_dir: str | None) -> None:
+  """A local config.data_dir must be a readable folder, or not exist yet (TFDS creates it)."""
+  if not data_dir or "://" in data_dir:  # None: TFDS's default. URLs (gs://...): TFDS's business.
+    return
+  path = os.path.abspath(data_dir)
+  existing = path
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    what = "is a file" if existing == path else f"is inside {existing}, which is a file"
+    raise DataDirError(
+        f"config.data_dir={data_dir!r} {what}, not a folder: pass a TFDS data dir (for "
+        "fashion_mnist also a folder holding the four IDX .gz files, e.g. "
+        f"--config.data_dir={os.path.dirname(existing)} if {os.path.basename(existing)} is one "
+        "of them).")
+  if existing == path and not os.access(path, os.R_OK | os.X_OK):
+    raise DataDirError(
+        f"config.data_dir={data_dir!r} is a folder this user cannot read. Make it readable "
+        f"(e.g. `chmod u+rx {path}`) or pass another folder.")
+
+
+def _builder(config: ml_collections.ConfigDict,
+             spec: datasets.DatasetSpec) -> tfds.core.DatasetBuilder:
+  """Returns the prepared TFDS builder of a non-generated dataset, preparing it if we can."""
+  _check_data_dir(config.data_dir)
+  if spec.source == "fashion_mnist":
     try:
       return fashion_mnist.get_builder(config.data_dir)
     except fashion_mnist.FashionMnistUnavailableError as e:
       raise DataUnavailableError(str(e)) from e
-  builder = tfds.builder(name, data_dir=config.data_dir)
+  data_dir = config.data_dir or tfds.core.constants.DATA_DIR
+  try:
+    builder = tfds.builder(spec.name, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise  # The registry names a dataset TFDS does not know: a bug, not a user error.
+  except Exception as e:  # pylint: disable=broad-except
+    # Building reads the metadata of a prepared copy; a corrupt one fails with its parser's error.
+    folder = os.path.join(data_dir, spec.name)
+    raise CorruptDataError(
+        f"The prepared {spec.name} in {folder} cannot be read ({type(e).__name__}: {e}); it is "
+        f"corrupt or incomplete. Delete {folder} and {_how_to_prepare(spec, data_dir)}.") from e
   if builder.data_path.exists() and builder.is_prepared():  # exists(): is_prepared() warns.
     return builder
-  if name == "imagenet2012":
-    data_dir = config.data_dir or tfds.core.constants.DATA_DIR
+  if spec.manual_download:
     raise DataUnavailableError(
-        f"imagenet2012 is not prepared in the TFDS data dir {data_dir} (looked for "
-        f"{builder.data_path}). TFDS cannot download it: get ILSVRC2012_img_train.tar and "
-        f"ILSVRC2012_img_val.tar from image-net.org into {data_dir}/downloads/manual, run "
-        f"`tfds build imagenet2012 --data_dir={data_dir}`, and pass "
-        f"`--config.data_dir={data_dir}`.")
+        f"{spec.name} is not prepared in the TFDS data dir {data_dir} (looked for "
+        f"{builder.data_path}). TFDS cannot download it: get {spec.manual_download} into "
+        f"{data_dir}/downloads/manual, run `tfds build {spec.name} --data_dir={data_dir}`, and "
+        f"pass `--config.data_dir={data_dir}`.")
   try:
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
     raise DataUnavailableError(
-        f"{name} is not prepared in the TFDS data dir {config.data_dir or '(TFDS default)'} and "
-        f"downloading it failed ({type(e).__name__}: {e}). Connect to the internet, or prepare "
-        f"it elsewhere with `tfds build {name} --data_dir=DIR`, copy DIR here and pass "
-        "`--config.data_dir=DIR`.") from e
+        f"{spec.name} is not prepared in the TFDS data dir {config.data_dir or '(TFDS default)'} "
+        f"and downloading it failed ({type(e).__name__}: {e}). Connect to the internet, or "
+        f"prepare it elsewhere with `tfds build {spec.name} --data_dir=DIR`, copy DIR here and "
+        "pass `--config.data_dir=DIR`.") from e
   return builder
 
 
-def _synthetic_num_eval_examples(config: ml_collections.ConfigDict) -> int:
-  return max(config.synthetic_num_examples // 4, 1)
+def _how_to_prepare(spec: datasets.DatasetSpec, data_dir: str) -> str:
+  """The end of a 'delete the prepared copy and ...' sentence."""
+  if spec.manual_download:
+    return f"rebuild it with `tfds build {spec.name} --data_dir={data_dir}`"
+  return "run again: it is prepared afresh"
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Returns sizes and shapes of config.dataset; prepares fashion_mnist once if needed.
+  """Resolves config.dataset once: registry entry and prepared data, checked against each other.
+
+  Prepares the data first where that can be done here (fashion_mnist from IDX files, TFDS
+  downloads). Pass the result to the pipelines and its `spec` to the model.
 
   Raises:
-    ValueError: unknown dataset, or a dataset that is not prepared and cannot be (the message
-      says how to prepare it).
+    datasets.UnknownDatasetError: config.dataset is not registered.
+    DataUnavailableError: the data is not prepared and cannot be, config.data_dir is not a
+      readable folder, or a prepared copy is corrupt (the message says what to do).
+    fashion_mnist.IdxFormatError: a local Fashion-MNIST IDX file is corrupt.
+    DataMismatchError: the prepared data has other classes or channels than the registry says.
+    InputConfigError: config.image_size < 0.
   """
-  size = _image_size(config)
-  if config.dataset == "synthetic":
+  spec = datasets.get_spec(config)
+  size = _image_size(config, spec)
+  if spec.source == "synthetic":
     return DatasetInfo(
-        num_classes=config.synthetic_num_classes,
-        image_shape=(size, size, 3),
-        num_train_examples=config.synthetic_num_examples,
-        num_eval_examples=_synthetic_num_eval_examples(config))
-  info = _builder(config).info
+        spec=spec,
+        num_classes=spec.num_classes,
+        image_shape=(size, size, spec.channels),
+        num_train_examples=spec.num_train_examples,
+        num_eval_examples=spec.num_eval_examples)
+  builder = _builder(config, spec)
+  num_classes = builder.info.features["label"].num_classes
+  channels = builder.info.features["image"].shape[-1]
+  if (num_classes, channels) != (spec.num_classes, spec.channels):
+    raise DataMismatchError(
+        f"The prepared data in {builder.data_path} has {num_classes} classes and {channels} "
+        f"channels, but the registry entry datasets.DATASETS[{spec.name!r}] says "
+        f"{spec.num_classes} and {spec.channels}. If that folder holds some other data, delete "
+        f"it and run again; if the entry is wrong, fix it in conadv_jax/datasets.py.")
+  splits = builder.info.splits
   return DatasetInfo(
-      num_classes=info.features["label"].num_classes,
-      image_shape=(size, size, info.features["image"].shape[-1]),
-      num_train_examples=info.splits["train"].num_examples,
-      num_eval_examples=info.splits[_EVAL_SPLIT[config.dataset]].num_examples)
+      spec=spec,
+      num_classes=num_classes,
+      image_shape=(size, size, channels),
+      num_train_examples=splits[spec.train_split].num_examples,
+      num_eval_examples=splits[spec.eval_split].num_examples,
+      builder=builder)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, info: DatasetInfo) -> int:
   """Number of global training steps (batches of config.batch_size) in one epoch.
 
   Raises:
-    ValueError: the global batch is larger than the training set.
+    InputConfigError: the global batch is larger than the training set.
   """
-  steps = info.num_train_examples // config.batch_size
+  steps = datasets.steps_per_epoch(config.batch_size, info.num_train_examples)
   if steps < 1:
-    raise ValueError(
+    raise InputConfigError(
         f"config.batch_size={config.batch_size} is larger than the {info.num_train_examples} "
-        f"training examples of {config.dataset}.")
+        f"training examples of {config.dataset}; lower it.")
   return steps
 
 
 # ------------------------------------------------------------------------------------------------
-# Preprocessing. Pure TF functions of one example; all randomness is stateless.
-
-
-def center_crop_window(image_shape: tf.Tensor, image_size: int,
-                       crop_padding: int = _CROP_PADDING) -> tf.Tensor:
-  """Returns [offset_y, offset_x, height, width] of the ImageNet eval center crop.
-
-  The square crop covers image_size / (image_size + crop_padding) of the shorter side, so that
-  resizing it to image_size matches the usual "resize to 256, crop 224".
-  """
-  height, width = image_shape[0], image_shape[1]
-  fraction = image_size / (image_size + crop_padding)
-  crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
-  crop = tf.maximum(crop, 1)
-  return tf.stack([(height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop])
-
-
-def random_resized_crop_window(image_shape: tf.Tensor,
-                               seed: tf.Tensor,
-                               image_size: int,
-                               area_range: tuple[float, float] = _RRC_AREA_RANGE,
-                               aspect_range: tuple[float, float] = _RRC_ASPECT_RANGE,
-                               max_attempts: int = _RRC_MAX_ATTEMPTS) -> tf.Tensor:
-  """Returns [offset_y, offset_x, height, width] of an Inception-style random crop.
-
-  Tries `max_attempts` (area fraction, log-uniform aspect ratio) draws at once and keeps the first
-  whose integer crop fits in the image and still satisfies both ranges; if none does, falls back
-  to `center_crop_window`. Deterministic given `seed` (shape [2]).
-  """
-  height, width = image_shape[0], image_shape[1]
-  h = tf.cast(height, tf.float32)
-  w = tf.cast(width, tf.float32)
-  area_seed, aspect_seed, y_seed, x_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, num=4))
-  area = tf.random.stateless_uniform([max_attempts], area_seed, *area_range) * h * w
-  log_aspect = tf.random.stateless_uniform(
-      [max_attempts], aspect_seed, math.log(aspect_range[0]), math.log(aspect_range[1]))
-  aspect = tf.exp(log_aspect)  # width / height
-  crop_w = tf.round(tf.sqrt(area * aspect))
-  crop_h = tf.round(tf.sqrt(area / aspect))
-  # Judge the rounded crop, so the returned window itself satisfies both ranges.
-  area_fraction = crop_h * crop_w / (h * w)
-  real_aspect = crop_w / tf.maximum(crop_h, 1.0)
-  valid = ((crop_h >= 1) & (crop_w >= 1) & (crop_h <= h) & (crop_w <= w) &
-           (area_fraction >= area_range[0]) & (area_fraction <= area_range[1]) &
-           (real_aspect >= aspect_range[0]) & (real_aspect <= aspect_range[1]))
-  first = tf.argmax(tf.cast(valid, tf.int32))  # First valid attempt (0 when none is).
-  crop_h = tf.cast(tf.gather(crop_h, first), tf.int32)
-  crop_w = tf.cast(tf.gather(crop_w, first), tf.int32)
-  crop_h = tf.clip_by_value(crop_h, 1, height)
-  crop_w = tf.clip_by_value(crop_w, 1, width)
-  offset_y = tf.random.stateless_uniform([], y_seed, 0, height - crop_h + 1, dtype=tf.int32)
-  offset_x = tf.random.stateless_uniform([], x_seed, 0, width - crop_w + 1, dtype=tf.int32)
-  window = tf.stack([offset_y, offset_x, crop_h, crop_w])
-  return tf.where(tf.reduce_any(valid), window, center_crop_window(image_shape, image_size))
-
-
-def _resize(image: tf.Tensor, image_size: int, method: str) -> tf.Tensor:
-  image = tf.image.resize(image, [image_size, image_size], method=method)
-  return tf.clip_by_value(image, 0.0, 255.0)  # Bicubic overshoots.
-
-
-def _imagenet_train(example: dict[str, tf.Tensor], seed: tf.Tensor,
-                    image_size: int) -> dict[str, tf.Tensor]:
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-  encoded = example["image"]
-  window = random_resized_crop_window(tf.image.extract_jpeg_shape(encoded), crop_seed, image_size)
-  image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)  # Decodes only the crop.
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  image = _resize(image, image_size, "bicubic")
-  return {"image": tf.ensure_shape(image, [image_size, image_size, 3]), "label": example["label"]}
-
-
-def _imagenet_eval(example: dict[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
-  encoded = example["image"]
-  window = center_crop_window(tf.image.extract_jpeg_shape(encoded), image_size)
-  image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-  image = _resize(image, image_size, "bicubic")
-  return {"image": tf.ensure_shape(image, [image_size, image_size, 3]), "label": example["label"]}
-
-
-def _small_train(example: dict[str, tf.Tensor], seed: tf.Tensor,
-                 image_size: int) -> dict[str, tf.Tensor]:
-  """Pad-and-crop plus horizontal flip, for 28x28 / 32x32 datasets."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-  image = example["image"]
-  pad = _SMALL_IMAGE_PADDING
-  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-  image = tf.image.stateless_random_crop(padded, image.shape, crop_seed)
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  return _small_eval({"image": image, "label": example["label"]}, image_size)
-
-
-def _small_eval(example: dict[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
-  image = tf.cast(example["image"], tf.float32)
-  if image.shape[:2] != (image_size, image_size):
-    image = _resize(image, image_size, "bilinear")
-  return {"image": tf.ensure_shape(image, [image_size, image_size, image.shape[-1]]),
-          "label": example["label"]}
-
-
-# ------------------------------------------------------------------------------------------------
-# Sources: this process's examples of a split, before decoding.
+# Sources: this process's examples of a split, one tf.data.Dataset per epoch.
 
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-  """One process's slice of a split and how to turn its examples into model inputs.
+  """One process's slice of a split.
 
-  `read(shuffle_seed)` yields raw examples (encoded images or synthetic indices) in a fixed order
-  when shuffle_seed is None, else with files shuffled by that seed. `decode` makes them cacheable
-  (decoded pixels for small images; ImageNet stays encoded so decoding can be fused with the
-  crop); `train_fn(example, seed)` / `eval_fn(example)` finish them into float32 images.
+  `epoch(epoch, skip)` holds the slice's examples of that epoch as model inputs ({'image'
+  float32 (H, W, C), 'label' int32}), unbatched, in the order they are batched, without the first
+  `skip`. Training examples are shuffled and augmented with seeds from (config.seed, epoch, their
+  position), so the result does not depend on `skip` beyond dropping examples; eval examples come
+  in one fixed order, unaugmented, whatever the epoch.
   """
-  read: Callable[[int | None], tf.data.Dataset]
+  epoch: Callable[[int, int], tf.data.Dataset]
   num_examples: int  # In this process's slice.
   max_num_examples: int  # In the largest slice over all processes.
-  decode: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
-  train_fn: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]
-  eval_fn: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
 
 
 def _even_slice(num_examples: int, index: int, count: int,
@@ -272,57 +246,62 @@ def _even_slice(num_examples: int, index: int, count: int,
   return start, end
 
 
-def _no_augmentation(example: dict[str, tf.Tensor],
-                     seed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-  del seed  # Noise images need no augmentation.
-  return example
-
-
-def _synthetic_source(config: ml_collections.ConfigDict, train: bool, process_index: int,
-                      process_count: int) -> _Source:
+def _synthetic_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
+                      process_index: int, process_count: int) -> _Source:
   """Uniform-noise images with uniform labels, generated per example from (seed, index)."""
-  size = _image_size(config)
-  num_classes = config.synthetic_num_classes
-  total = config.synthetic_num_examples if train else _synthetic_num_eval_examples(config)
+  spec = info.spec
+  size, _, channels = info.image_shape
+  num_classes = info.num_classes
+  total = info.num_train_examples if train else info.num_eval_examples
   slices = [_even_slice(total, i, process_count, drop_remainder=train)
             for i in range(process_count)]
   start, end = slices[process_index]
   # Eval indices follow train ones so that the two splits hold different examples.
-  offset = 0 if train else config.synthetic_num_examples
-  data_seed = tf.constant(_seed_pair(config.seed, "synthetic"), tf.int64)
+  offset = 0 if train else info.num_train_examples
+  data_seed = tf.constant(_seed_pair(config.seed, spec.name), tf.int64)
 
-  def read(shuffle_seed: int | None) -> tf.data.Dataset:
-    del shuffle_seed  # Generated in index order; the example shuffle does the rest.
-    return tf.data.Dataset.range(offset + start, offset + end).map(lambda i: {"index": i})
-
-  def decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  def example(index: tf.Tensor) -> dict[str, tf.Tensor]:
     image_seed, label_seed = tf.unstack(tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(data_seed, example["index"]), num=2))
-    image = tf.random.stateless_uniform([size, size, 3], image_seed, 0.0, 255.0)
+        tf.random.experimental.stateless_fold_in(data_seed, index), num=2))
+    image = tf.random.stateless_uniform([size, size, channels], image_seed, 0.0, 255.0)
     label = tf.random.stateless_uniform([], label_seed, 0, num_classes, dtype=tf.int32)
     return {"image": image, "label": label}
 
+  def train_epoch(epoch: int, skip: int) -> tf.data.Dataset:
+    # One global order per epoch; this process makes only its rows of each global batch, so
+    # global batch k holds the same examples whatever the process count.
+    num_steps = steps_per_epoch(config, info)
+    local_batch = config.batch_size // process_count
+    order = np.random.default_rng(_seed_pair(config.seed, f"{spec.name} order", epoch)).permutation(
+        info.num_train_examples)[:num_steps * config.batch_size]
+    rows = order.reshape(num_steps, process_count, local_batch)[:, process_index].reshape(-1)
+    return tf.data.Dataset.from_tensor_slices(rows[skip:]).map(example, tf.data.AUTOTUNE)
+
+  def eval_epoch(epoch: int, skip: int) -> tf.data.Dataset:
+    del epoch  # The same examples every time.
+    indices = tf.data.Dataset.range(offset + start + skip, offset + end)
+    return indices.map(example, tf.data.AUTOTUNE)
+
   return _Source(
-      read=read,
+      epoch=train_epoch if train else eval_epoch,
       num_examples=end - start,
-      max_num_examples=max(e - s for s, e in slices),
-      decode=decode,
-      train_fn=_no_augmentation,
-      eval_fn=_no_augmentation)
+      max_num_examples=max(e - s for s, e in slices))
 
 
-def _tfds_source(config: ml_collections.ConfigDict, train: bool, process_index: int,
-                 process_count: int) -> _Source:
+def _tfds_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
+                 process_index: int, process_count: int) -> _Source:
   """This process's slice of a prepared TFDS split, read without decoding the images."""
-  builder = _builder(config)
-  split_name = "train" if train else _EVAL_SPLIT[config.dataset]
+  spec, builder = info.spec, info.builder
+  split_name = spec.train_split if train else spec.eval_split
   # Train slices are equal (remainder dropped) so every process has the same number of steps;
   # eval slices cover every example, and eval_batches pads the shorter ones.
   splits = [tfds.split_for_jax_process(split_name, process_index=i, process_count=process_count,
                                        drop_remainder=train) for i in range(process_count)]
   counts = [builder.info.splits[split].num_examples for split in splits]
   image_feature = builder.info.features["image"]
-  size = _image_size(config)
+  size = info.image_shape[0]
+  train_fn = augment.train_fn(spec.augmentation, size)
+  eval_fn = augment.eval_fn(spec.augmentation, size)
 
   def read(shuffle_seed: int | None) -> tf.data.Dataset:
     # No TFDS auto-caching: a new pipeline per epoch would refill it; config.cache decides.
@@ -335,27 +314,70 @@ def _tfds_source(config: ml_collections.ConfigDict, train: bool, process_index: 
         read_config=read_config)
     return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
 
-  imagenet = config.dataset == "imagenet2012"
-
   def decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    if imagenet:
-      return example  # Decoding is fused with cropping in _imagenet_train / _imagenet_eval.
+    """Makes examples cacheable: pixels, except JPEGs whose decoding is fused with the crop."""
+    if spec.jpeg_encoded:
+      return example
     return {"image": image_feature.decode_example(example["image"]), "label": example["label"]}
 
+  def eval_epoch(epoch: int, skip: int) -> tf.data.Dataset:
+    del epoch  # The same examples in the same order every time.
+    return read(None).skip(skip).map(lambda ex: eval_fn(decode(ex)), tf.data.AUTOTUNE)
+
+  buffer_size = max(min(config.shuffle_buffer_size, counts[process_index]), 1)
+  cached = (read(None).map(decode, tf.data.AUTOTUNE).cache()
+            if train and config.cache else None)
+
+  def train_epoch(epoch: int, skip: int) -> tf.data.Dataset:
+    file_seed, example_seed = _seed_pair(config.seed, "shuffle", epoch, process_index)
+    if cached is not None:
+      ds = cached.shuffle(buffer_size, seed=example_seed)
+    else:
+      ds = read(file_seed).shuffle(buffer_size, seed=example_seed)
+    # Skip consumed examples before the costly decode / augment, and number the rest by their
+    # position in the epoch, which (not the resume point) seeds their augmentation.
+    ds = ds.skip(skip).enumerate(start=skip)
+    epoch_key = tf.constant(_seed_pair(config.seed, "augment", epoch, process_index), tf.int64)
+
+    def preprocess(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      if cached is None:
+        example = decode(example)
+      if not config.augment:
+        return eval_fn(example)
+      return train_fn(example, tf.random.experimental.stateless_fold_in(epoch_key, index))
+
+    return ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+
   return _Source(
-      read=read,
+      epoch=train_epoch if train else eval_epoch,
       num_examples=counts[process_index],
-      max_num_examples=max(counts),
-      decode=decode,
-      train_fn=functools.partial(_imagenet_train if imagenet else _small_train, image_size=size),
-      eval_fn=functools.partial(_imagenet_eval if imagenet else _small_eval, image_size=size))
+      max_num_examples=max(counts))
 
 
-def _source(config: ml_collections.ConfigDict, train: bool, process_index: int,
-            process_count: int) -> _Source:
-  if _check_dataset(config) == "synthetic":
-    return _synthetic_source(config, train, process_index, process_count)
-  return _tfds_source(config, train, process_index, process_count)
+def _source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
+            process_index: int, process_count: int) -> _Source:
+  """The source of `info`'s train (or eval) split for one process."""
+  make = _synthetic_source if info.spec.source == "synthetic" else _tfds_source
+  return make(config, info, train, process_index, process_count)
+
+
+def _numpy_batches(ds: tf.data.Dataset, info: DatasetInfo) -> Iterator[Batch]:
+  """Iterates `ds`, turning read errors of a prepared copy into CorruptDataError."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError) as e:
+    # DataLossError: a record fails its checksum or is cut short. FailedPreconditionError: TFDS
+    # found fewer records than its metadata promises (a truncated file).
+    if info.builder is None:
+      raise
+    path = info.builder.data_path
+    data_dir = str(path.parent.parent)  # DATA_DIR/NAME/VERSION.
+    # Drop TF's "{{function_node ...}}" prefix and "[Op:...]" suffix: the cause is in between.
+    cause = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", e.message), flags=re.S)
+    raise CorruptDataError(
+        f"Reading the prepared {info.spec.name} in {path} failed ({type(e).__name__}: {cause}); "
+        f"its files are truncated or corrupt. Delete {path} and "
+        f"{_how_to_prepare(info.spec, data_dir)}.") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +413,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def _local_batch_size(global_batch_size: int, process_count: int, name: str) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(
+    raise InputConfigError(
         f"config.{name}={global_batch_size} must be a positive multiple of the number of "
         f"processes ({process_count}): each process loads an equal part of every batch.")
   return global_batch_size // process_count
@@ -406,6 +428,7 @@ def _hide_gpus_from_tf() -> None:
 
 
 def train_batches(config: ml_collections.ConfigDict,
+                  info: DatasetInfo,
                   *,
                   start_step: int = 0,
                   process_index: int | None = None,
@@ -416,62 +439,46 @@ def train_batches(config: ml_collections.ConfigDict,
   of an epoch that do not fill a batch are dropped. The batch of step k is the same whatever
   start_step was, so resuming from a checkpoint replays the data exactly.
 
+  Args:
+    config: the run's config (batch_size, seed, shuffle_buffer_size, augment, cache).
+    info: `get_dataset_info(config)`.
+    start_step: the global step of the first batch.
+    process_index: this process (default: jax.process_index()).
+    process_count: the number of processes (default: jax.process_count()).
+
   Raises:
-    ValueError: bad dataset, batch size not divisible by process_count, or start_step < 0.
+    InputConfigError: batch size not divisible by process_count, or larger than the train split.
+    CorruptDataError: (while iterating) the prepared copy of the data cannot be read.
+    ValueError: start_step < 0 or process_index out of range.
   """
   _hide_gpus_from_tf()
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  num_steps = steps_per_epoch(config, get_dataset_info(config))
-  source = _source(config, True, process_index, process_count)
-  buffer_size = max(min(config.shuffle_buffer_size, source.num_examples), 1)
-  cached = source.read(None).map(source.decode, tf.data.AUTOTUNE).cache() if config.cache else None
-
-  def synthetic_epoch(epoch: int, skip: int) -> tf.data.Dataset:
-    # One global order per epoch; this process makes only its rows of each global batch, so
-    # global batch k holds the same examples whatever the process count.
-    order = np.random.default_rng(_seed_pair(config.seed, "synthetic order", epoch)).permutation(
-        config.synthetic_num_examples)[:num_steps * config.batch_size]
-    rows = order.reshape(num_steps, process_count, local_batch)[:, process_index].reshape(-1)
-    ds = tf.data.Dataset.from_tensor_slices(rows[skip:]).map(lambda i: {"index": i})
-    ds = ds.map(source.decode, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
-
-  def epoch_dataset(epoch: int, skip: int) -> tf.data.Dataset:
-    if config.dataset == "synthetic":
-      return synthetic_epoch(epoch, skip)
-    file_seed, example_seed = _seed_pair(config.seed, "shuffle", epoch, process_index)
-    if cached is not None:
-      ds = cached.shuffle(buffer_size, seed=example_seed)
-    else:
-      ds = source.read(file_seed).shuffle(buffer_size, seed=example_seed)
-    # Skip consumed examples before the costly decode / augment, and number the rest by their
-    # position in the epoch, which (not the resume point) seeds their augmentation.
-    ds = ds.skip(skip).enumerate(start=skip)
-    epoch_key = tf.constant(_seed_pair(config.seed, "augment", epoch, process_index), tf.int64)
-
-    def preprocess(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      if cached is None:
-        example = source.decode(example)
-      seed = tf.random.experimental.stateless_fold_in(epoch_key, index)
-      return source.train_fn(example, seed) if config.augment else source.eval_fn(example)
-
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  num_steps = steps_per_epoch(config, info)
+  source = _source(config, info, True, process_index, process_count)
 
   def generate() -> Iterator[Batch]:
     epoch, step_in_epoch = divmod(start_step, num_steps)
     while True:
-      yield from epoch_dataset(epoch, step_in_epoch * local_batch).as_numpy_iterator()
+      ds = source.epoch(epoch, step_in_epoch * local_batch)
+      ds = ds.batch(local_batch, drop_remainder=True)
+      num_batches = 0
+      for batch in _numpy_batches(ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), info):
+        yield batch
+        num_batches += 1
+      if num_batches != num_steps - step_in_epoch:
+        raise RuntimeError(f"Epoch {epoch} yielded {num_batches} batches from step "
+                           f"{step_in_epoch}, not the {num_steps - step_in_epoch} expected; "
+                           "processes would fall out of step.")
       epoch, step_in_epoch = epoch + 1, 0
 
   return generate()
 
 
 def eval_batches(config: ml_collections.ConfigDict,
+                 info: DatasetInfo,
                  *,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[Batch]:
@@ -480,21 +487,19 @@ def eval_batches(config: ml_collections.ConfigDict,
   Batches have config.eval_batch_size // process_count examples and a 'mask' (1.0 real, 0.0
   padding). Every example of the split is in exactly one process's batches with mask 1, and all
   processes yield the same number of batches (padding with fully masked ones), so collective
-  eval steps line up across hosts.
+  eval steps line up across hosts. Cheap to call at every eval: `info` is not resolved again.
 
   Raises:
-    ValueError: bad dataset, or eval_batch_size not divisible by process_count.
+    InputConfigError: eval_batch_size not divisible by process_count.
+    CorruptDataError: (while iterating) the prepared copy of the data cannot be read.
   """
   _hide_gpus_from_tf()
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
-  image_shape = get_dataset_info(config).image_shape
-  source = _source(config, False, process_index, process_count)
+  image_shape = info.image_shape
+  source = _source(config, info, False, process_index, process_count)
   num_batches = -(-source.max_num_examples // local_batch)
-  ds = source.read(None)
-  ds = ds.map(lambda example: source.eval_fn(source.decode(example)),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  ds = source.epoch(0, 0).batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
   def pad(batch: Batch) -> Batch:
     num_real = len(batch["label"])
@@ -509,7 +514,7 @@ def eval_batches(config: ml_collections.ConfigDict,
 
   def generate() -> Iterator[Batch]:
     num_yielded = 0
-    for batch in ds.as_numpy_iterator():
+    for batch in _numpy_batches(ds, info):
       if num_yielded == num_batches:
         raise RuntimeError(f"The eval split yielded more than the {num_batches} batches expected "
                            "from its size; processes would fall out of step.")

@@ -60,8 +60,8 @@ def test_targeted_attack_moves_towards_its_target():
 
 
 def test_untargeted_one_step_raises_the_loss_of_a_trained_model():
-  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, dataset="synthetic",
-                              small_resnet_depth=8, small_resnet_width=8)
+  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, pixel_mean=(127.5,),
+                              pixel_std=(73.6,), small_resnet_depth=8, small_resnet_width=8)
   forward = conadv.linen_forward(model)
   rng = np.random.RandomState(0)
   labels = rng.randint(0, NUM_CLASSES, 64).astype(np.int32)
@@ -96,8 +96,8 @@ def test_untargeted_one_step_raises_the_loss_of_a_trained_model():
 
 
 def test_attack_does_not_update_running_averages():
-  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, dataset="synthetic",
-                              small_resnet_depth=8, small_resnet_width=4)
+  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, pixel_mean=(127.5,),
+                              pixel_std=(73.6,), small_resnet_depth=8, small_resnet_width=4)
   forward = conadv.linen_forward(model)
   images = np.random.RandomState(0).uniform(0, 255, (8, 8, 8, 3)).astype(np.float32)
   v = model.init(jax.random.PRNGKey(0), images, train=False)

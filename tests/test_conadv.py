@@ -225,8 +225,9 @@ def test_disadv_gradient_depends_on_attack():
 
 def test_one_and_four_devices_agree():
   from conadv_jax import models
-  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, dataset="synthetic",
-                              small_resnet_depth=8, small_resnet_width=4, bn_group_size=4)
+  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, pixel_mean=(127.5,),
+                              pixel_std=(73.6,), small_resnet_depth=8, small_resnet_width=4,
+                              bn_group_size=4)
   forward = conadv.linen_forward(model)
   cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=1)
   tx = optax.lars(0.1, momentum=0.9)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conadv_jax import config_validation, input_pipeline, models
+from conadv_jax import config_validation, datasets, input_pipeline, models
 from configs import common, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -30,7 +30,7 @@ def test_config_validates_and_builds_its_model(name, preset):
   image_shape = (IMAGE_SHAPES.get(config.dataset)
                  or (config.image_size or 32, config.image_size or 32, 3))
   num_classes = NUM_CLASSES.get(config.dataset, config.synthetic_num_classes)
-  model = models.create_model_from_config(config, num_classes, num_devices=4)
+  model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=4)
   variables = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
   assert variables["params"]["head"]["kernel"].shape == (

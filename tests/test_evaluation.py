@@ -14,7 +14,7 @@ def setup():
   config = cpu_smoke.get_config("conadv")
   config.eval_batch_size = 24  # 64 eval examples = 2 x 24 + 16: the last batch is padded.
   info = input_pipeline.get_dataset_info(config)
-  model = models.create_model_from_config(config, info.num_classes, num_devices=1)
+  model = models.create_model_from_config(config, info.spec, num_devices=1)
   forward = conadv.linen_forward(model)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)), train=False)
   state = conadv.TrainState.create(params=variables["params"],
@@ -27,7 +27,8 @@ def setup():
 
 def reference_metrics(config, state, forward):
   """Loss and top-1 over the whole eval split at once, without batching or masks."""
-  batches = list(input_pipeline.eval_batches(config, process_index=0, process_count=1))
+  info = input_pipeline.get_dataset_info(config)
+  batches = list(input_pipeline.eval_batches(config, info, process_index=0, process_count=1))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
   labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
   logits, _ = forward(state.params, state.batch_stats, images, train=False)
@@ -41,7 +42,7 @@ def test_every_example_once_on_any_device_count(setup, num_devices):
   config, info, state, eval_step, forward = setup
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
   batches = input_pipeline.shard_and_prefetch(
-      input_pipeline.eval_batches(config, process_index=0, process_count=1),
+      input_pipeline.eval_batches(config, info, process_index=0, process_count=1),
       parallel.batch_sharding(mesh))
   results = evaluation.evaluate(eval_step, jax.device_put(state, parallel.replicated(mesh)),
                                 batches)
@@ -55,7 +56,7 @@ def test_every_example_once_across_three_processes(setup):
   totals = {}
   for process in range(3):  # Each "process" evaluates its own slice; the sums add up.
     results = evaluation.evaluate(eval_step, state, input_pipeline.eval_batches(
-        config, process_index=process, process_count=3))
+        config, info, process_index=process, process_count=3))
     for key in ("loss", "top1"):
       totals[key] = totals.get(key, 0.0) + results[key] * results["num_examples"]
     totals["count"] = totals.get("count", 0) + results["num_examples"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conadv_jax import errors
 from conadv_jax import fashion_mnist
 
 NUM_TRAIN = 20
@@ -72,6 +73,10 @@ def test_read_idx_rejects_bad_files(tmp_path):
   not_gzip.write_bytes(b"plain text")
   with pytest.raises(fashion_mnist.IdxFormatError):
     fashion_mnist.read_idx(not_gzip)
+  bad_deflate = tmp_path / "bad_deflate.gz"  # A gzip header, then an invalid deflate block.
+  bad_deflate.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 20)
+  with pytest.raises(fashion_mnist.IdxFormatError, match=r"bad_deflate\.gz \(error: .*decompr"):
+    fashion_mnist.read_idx(bad_deflate)
 
 
 def test_builds_from_idx_files_in_data_dir_once(tmp_path, offline):
@@ -132,3 +137,50 @@ def test_no_files_and_no_network_names_both_fixes(tmp_path, offline):
   assert "apt-get install dataset-fashion-mnist" in message
   assert "--config.data_dir=" in message
   assert isinstance(error.value, ValueError)
+
+
+def test_errors_are_user_errors():
+  for error in (fashion_mnist.IdxFormatError, fashion_mnist.FashionMnistUnavailableError):
+    assert issubclass(error, errors.UserError) and issubclass(error, ValueError)
+
+
+def test_corrupt_file_in_data_dir_says_to_replace_it(tmp_path, offline):
+  del offline
+  data_dir = tmp_path / "tfds"
+  _write_fashion_idx(data_dir)
+  labels = data_dir / "train-labels-idx1-ubyte.gz"
+  labels.write_bytes(labels.read_bytes()[:-8])  # Cut off the gzip trailer.
+  with pytest.raises(fashion_mnist.IdxFormatError) as error:
+    fashion_mnist.get_builder(str(data_dir))
+  message = str(error.value)
+  assert f"Cannot read IDX file {labels}" in message
+  assert f"To fix it, replace {labels} with an intact copy" in message
+  assert f"remove the IDX files from {data_dir}" in message
+
+
+def test_corrupt_file_in_debian_folder_says_to_reinstall(tmp_path, offline, monkeypatch):
+  del offline
+  idx_dir = tmp_path / "debian"
+  _write_fashion_idx(idx_dir)
+  monkeypatch.setattr(fashion_mnist, "DEBIAN_IDX_DIR", str(idx_dir))
+  images = idx_dir / "t10k-images-idx3-ubyte.gz"
+  fashion_mnist.write_idx(images, np.zeros([NUM_TEST, 28, 27], np.uint8))
+  with pytest.raises(fashion_mnist.IdxFormatError) as error:
+    fashion_mnist.get_builder(str(tmp_path / "tfds"))
+  message = str(error.value)
+  assert f"{images}: images are (28, 27)" in message
+  assert "`sudo apt-get install --reinstall dataset-fashion-mnist`" in message
+
+
+def test_unreadable_prepared_copy_says_to_delete_it(tmp_path, offline):
+  del offline
+  data_dir = tmp_path / "tfds"
+  _write_fashion_idx(data_dir)
+  builder = fashion_mnist.get_builder(str(data_dir))
+  (pathlib.Path(builder.data_path) / "features.json").write_text("[")
+  (pathlib.Path(builder.data_path) / "dataset_info.json").write_text("[")
+  with pytest.raises(fashion_mnist.FashionMnistUnavailableError) as error:
+    fashion_mnist.get_builder(str(data_dir))
+  folder = data_dir / "fashion_mnist_idx"
+  assert f"The prepared fashion_mnist_idx in {folder} cannot be read" in str(error.value)
+  assert f"Delete {folder} and run again" in str(error.value)
