@@ -4,9 +4,11 @@ Thin on purpose: flags, logging and process setup here; everything else in conad
 Every mistake a user can make (flags, config file, config values, workdir, data, checkpoints of
 another experiment) ends in one `error: ...` line and exit status 2, never a traceback.
 """
+import functools
 import os
 import socket
 import sys
+import threading
 import traceback
 
 from absl import app, flags, logging
@@ -68,6 +70,25 @@ def _check_port_free(address: str) -> None:
                   "free port for every process, or stop the program holding it.")
 
 
+def _join_within_timeout(initialize, failure: str) -> None:
+  """Runs jax.distributed's `initialize`, ending the process with `failure` if it hangs.
+
+  JAX's own timeout ends in a C++ check failure (an abort, after a long wait, with a message
+  about a dead task), so a watchdog thread gives up first, with the fix in one line.
+  """
+  joined = threading.Event()
+
+  def watchdog():
+    if not joined.wait(FLAGS.distributed_timeout):
+      logging.error("%s", failure)
+      print(f"error: {failure}", file=sys.stderr, flush=True)
+      os._exit(2)  # The main thread is blocked inside JAX; nothing else can end it.
+
+  threading.Thread(target=watchdog, daemon=True).start()
+  initialize(initialization_timeout=FLAGS.distributed_timeout + 60)
+  joined.set()
+
+
 def _initialize_distributed(jax) -> None:
   """Joins a multi-process run: explicitly (flags) or as the environment says (--distributed)."""
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -81,32 +102,36 @@ def _initialize_distributed(jax) -> None:
       _check_port_free(FLAGS.coordinator_address)
     # Cross-process collectives between CPU devices need gloo; GPUs and TPUs ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                 FLAGS.process_id,
-                                 initialization_timeout=FLAGS.distributed_timeout)
-    except Exception as e:  # pylint: disable=broad-except
-      _user_error(f"process {FLAGS.process_id} could not join the run at coordinator "
-                  f"{FLAGS.coordinator_address} within --distributed_timeout="
-                  f"{FLAGS.distributed_timeout} s ({type(e).__name__}: {str(e)[:200]}). Start "
-                  f"all {FLAGS.num_processes} processes with the same --coordinator_address and "
-                  "distinct --process_id, check that this host can reach the coordinator's port, "
-                  "or raise --distributed_timeout.")
+    _join_within_timeout(
+        functools.partial(jax.distributed.initialize, FLAGS.coordinator_address,
+                          FLAGS.num_processes, FLAGS.process_id),
+        f"process {FLAGS.process_id}: not all {FLAGS.num_processes} processes joined the "
+        f"coordinator at {FLAGS.coordinator_address} within --distributed_timeout="
+        f"{FLAGS.distributed_timeout} s. Start every process with the same "
+        "--coordinator_address and --num_processes and a distinct --process_id "
+        f"(0..{FLAGS.num_processes - 1}), check that every host can reach that address, or "
+        "raise --distributed_timeout.")
   elif FLAGS.distributed:
-    try:
-      jax.distributed.initialize(initialization_timeout=FLAGS.distributed_timeout)
-    except Exception as e:  # pylint: disable=broad-except
-      _user_error(f"--distributed: not every process joined within --distributed_timeout="
-                  f"{FLAGS.distributed_timeout} s ({type(e).__name__}: {str(e)[:200]}). Start "
-                  "main.py on every host of the job, or raise --distributed_timeout.")
+    _join_within_timeout(
+        jax.distributed.initialize,
+        f"--distributed: not every process of the job joined within --distributed_timeout="
+        f"{FLAGS.distributed_timeout} s. Start main.py on every host of the job (the same "
+        "command everywhere), or raise --distributed_timeout.")
 
 
 class _QuietLibraries:
-  """Drops INFO records of orbax, whose per-save chatter would bury the training log."""
+  """Keeps orbax's log readable: drops its per-save INFO chatter and the tracebacks of its
+  background threads (a failed save is reported once, as a CheckpointSaveError)."""
 
   def filter(self, record) -> bool:
+    if "/orbax/" not in record.pathname:
+      return True
     # levelno is a Python logging level; absl's logging.INFO is 0, not 20.
-    return record.levelno > logging.converter.STANDARD_INFO or "/orbax/" not in record.pathname
+    if record.levelno <= logging.converter.STANDARD_INFO:
+      return False
+    record.msg, record.args = record.getMessage().split("\n", 1)[0], ()
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def main(argv):

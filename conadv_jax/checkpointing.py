@@ -13,6 +13,7 @@ because only one of them may ever cost a checkpoint:
   Refused by name (CheckpointMismatchError); nothing in the workdir is touched.
 * It reads and matches: restored. The remaining config differences are the caller's to log.
 """
+import contextlib
 import dataclasses
 import os
 import time
@@ -46,11 +47,18 @@ class Restored:
   record: dict[str, Any]  # {"config": flat config, "history": [config_history entries]}
 
 
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndex.
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
 def state_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{leaf name: (shape, dtype)} as orbax names the leaves, for states and saved metadata."""
-  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=False), sep=".")
-  return {name: (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-          for name, leaf in flat.items() if leaf is not None}
+  """{leaf path: (shape, dtype)}, alike for a state, its shapes and orbax's saved metadata."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {".".join(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in leaves if leaf is not None}
 
 
 def _signature_differences(saved: dict, current: dict, limit: int = 6) -> list[str]:
@@ -117,15 +125,21 @@ class Checkpointer:
     manager = self._open()
     if step in manager.all_steps():
       return False
-    return manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+    with self._save_errors():
+      return manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
 
   def check_for_errors(self) -> None:
     """Raises CheckpointSaveError if a finished asynchronous save failed (cheap, host only)."""
-    if self._manager is None:
-      return
+    if self._manager is not None:
+      with self._save_errors():
+        self._manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """Turns a failed save (full disk, lost bucket, ...) into one clear CheckpointSaveError."""
     try:
-      self._manager.check_for_errors()
+      yield
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(
           f"Saving a checkpoint in {self.directory} failed ({type(e).__name__}: "
@@ -167,8 +181,8 @@ class Checkpointer:
         restored, error = None, None
         try:
           metadata = reader.item_metadata(step)
-          if metadata is None or metadata["state"] is None or metadata["record"] is None:
-            raise ValueError("no readable metadata")
+          if metadata is None or metadata["state"] is None:  # JSON items have no metadata.
+            raise ValueError("no readable array metadata")
           record = dict(reader.restore(
               step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record)
           saved = state_signature(metadata["state"].tree)
@@ -224,10 +238,15 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     if self._manager is not None:
-      self._manager.wait_until_finished()
-      self.check_for_errors()
+      with self._save_errors():
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
 
   def close(self) -> None:
     if self._manager is not None:
-      self._manager.close()
-      self._manager = None
+      manager, self._manager = self._manager, None
+      try:
+        manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        # A failed save was reported already (CheckpointSaveError); don't mask it.
+        logging.warning("Closing the checkpoint manager: %s: %s", type(e).__name__, e)

@@ -1,4 +1,6 @@
 """The training loop: every method end to end, exact resume, results and metrics files."""
+import hashlib
+import itertools
 import json
 import os
 
@@ -7,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax import checkpointing, train
+from conadv_jax import checkpointing, experiment, input_pipeline, train
 from configs import cpu_smoke
 
 PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -65,7 +67,7 @@ def test_stop_and_restart_is_bit_identical(uninterrupted, preset, tmp_path, monk
     patch.setattr(checkpointing.Checkpointer, "reached_preemption",
                   lambda self, step: step == stop_at)
     stopped = train.train_and_evaluate(smoke_config(preset), str(tmp_path))
-  assert stopped == {"preempted_at_step": stop_at}
+  assert stopped == {"stopped_at_step": stop_at, "reason": "preemption notice"}
   assert not os.path.exists(tmp_path / "results.json")
   resumed = train.train_and_evaluate(smoke_config(preset), str(tmp_path))
   assert resumed["param_fingerprint"] == uninterrupted[preset][1]["param_fingerprint"]
@@ -89,7 +91,7 @@ def test_restart_after_a_crash_drops_metrics_past_the_checkpoint(tmp_path):
 def test_a_different_experiment_in_the_workdir_is_refused(uninterrupted, tmp_path):
   workdir, _ = uninterrupted["disadv"]
   with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"method='disadv' there but 'conadv' now"):
+                     match=r"method: 'disadv' in the checkpoint, 'conadv' now: refused"):
     train.train_and_evaluate(smoke_config("conadv"), workdir)
 
 
@@ -102,8 +104,51 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints_finite(tmp_pa
                      match=r"by step 10: .*last good checkpoint is step 8"):
     train.train_and_evaluate(config, workdir)
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                  item_names=("state", "config"))
+                                  item_names=("state", "record"))
   assert manager.latest_step() == 8
   restored = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   leaves = jax.tree.leaves(restored.state)
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_with_lookahead_pairs_each_batch_with_the_one_tau_later():
+  for tau in (0, 1, 3):
+    pairs = list(train.with_lookahead(iter(range(10)), tau))
+    assert pairs == [(t, t + tau) for t in range(10 - tau)]
+
+
+def _fingerprint(array) -> str:
+  return hashlib.sha256(np.asarray(jax.device_get(array)).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("preset", ["conadv2", "disadv"])
+def test_the_step_gets_batch_t_and_batch_t_plus_tau(preset, tmp_path, monkeypatch):
+  """Through the real loop: across an epoch boundary (8 steps per epoch) and a resume at 5."""
+  config = smoke_config(preset)
+  tau = config.staleness
+  info = input_pipeline.get_dataset_info(config)
+  expected = [_fingerprint(b["image"]) for b in
+              itertools.islice(input_pipeline.train_batches(config, info), 12 + tau)]
+  seen = {}
+  real_train_step = experiment.Experiment.train_step
+
+  def spying_train_step(self):
+    step_fn = real_train_step.func(self)
+
+    def step(state, batch, batch_ahead):
+      seen[int(jax.device_get(state.step))] = (_fingerprint(batch["image"]),
+                                               _fingerprint(batch_ahead["image"]))
+      return step_fn(state, batch, batch_ahead)
+
+    return step
+
+  monkeypatch.setattr(experiment.Experiment, "train_step", property(spying_train_step))
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                  lambda self, step: step == 5)
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(seen) == list(range(5))  # Stopped after step 5, with a checkpoint there.
+  train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(seen) == list(range(12))
+  for t in range(12):
+    assert seen[t] == (expected[t], expected[t + tau]), f"step {t}"
