@@ -12,7 +12,9 @@ Example:
 """
 import dataclasses
 import json
+import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,13 +22,13 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
-from conadv_jax import conadv
-from conadv_jax import models
-from conadv_jax import parallel
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax import (conadv, config_validation, experiment, input_pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                        models, parallel)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "SmallResNet", list(models.MODEL_NAMES), "Model to time.")
@@ -95,35 +97,39 @@ def _executable_bytes(memory: Any) -> int | None:
              + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
 
-def build(method: str, model: Any, mesh: jax.sharding.Mesh, image_shape: tuple[int, ...],
-          seed: int) -> Bench:
-  """Builds, fills (ConAdv) and AOT-compiles one method's step on synthetic batches."""
-  staleness = FLAGS.staleness if method == "conadv" else 0
-  cfg = conadv.MethodConfig(method=method, num_classes=FLAGS.num_classes, staleness=staleness)
-  tx = optax.lars(0.1, momentum=0.9)
-  forward = conadv.linen_forward(model)
+def benchmark_config(method: str) -> ml_collections.ConfigDict:
+  """A synthetic-data config of the flags' model and batch, LARS at a constant 0.1."""
+  config = default.get_config()
+  config.update(dict(
+      dataset="synthetic", synthetic_num_classes=FLAGS.num_classes, image_size=FLAGS.image_size,
+      synthetic_num_examples=FLAGS.batch_size, model=FLAGS.model, dtype=FLAGS.dtype,
+      small_resnet_depth=FLAGS.small_resnet_depth, small_resnet_width=FLAGS.small_resnet_width,
+      bn_group_size=FLAGS.bn_group_size, batch_size=FLAGS.batch_size, optimizer="lars",
+      learning_rate=0.1, end_learning_rate=0.1, warmup_epochs=0.0, num_train_steps=10**6,
+      momentum=0.9, seed=FLAGS.seed, method=method,
+      staleness=FLAGS.staleness if method == "conadv" else 0))
+  return config
 
-  def init() -> conadv.TrainState:
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape)), train=False)
-    return conadv.TrainState.create(
-        params=variables["params"], batch_stats=variables["batch_stats"], tx=tx,
-        fifo_shape=(staleness, FLAGS.batch_size, *image_shape), rng=jax.random.PRNGKey(seed + 1))
 
-  state = parallel.create_sharded_state(init, mesh)
-  rng = np.random.RandomState(seed)
+def build(method: str, mesh: jax.sharding.Mesh, channels: int) -> Bench:
+  """Builds (experiment.build, as training does), fills (ConAdv) and AOT-compiles one step."""
+  config = benchmark_config(method)
+  config_validation.validate(config, num_devices=mesh.size)
+  info = input_pipeline.get_dataset_info(config)
+  info = dataclasses.replace(info, image_shape=(*info.image_shape[:2], channels))
+  exp = experiment.build(config, info, mesh)
+  state = exp.init_state()
+  rng = np.random.RandomState(FLAGS.seed)
   sharding = parallel.batch_sharding(mesh)
-  shape = (FLAGS.batch_size, *image_shape)
-  batch = _synthetic_batch(rng, shape, FLAGS.num_classes, sharding)
+  batch = _synthetic_batch(rng, exp.batch_shape, FLAGS.num_classes, sharding)
   batch_ahead = batch
-  if staleness:
-    batch_ahead = _synthetic_batch(rng, shape, FLAGS.num_classes, sharding)
-    fill = parallel.jit_fill_fifo(conadv.make_fill_fifo(forward, cfg), mesh, state)
+  if exp.method.staleness:
+    batch_ahead = _synthetic_batch(rng, exp.batch_shape, FLAGS.num_classes, sharding)
     # Attacks on the τ batches the first steps train on (all the same synthetic batch here).
-    state = jax.block_until_ready(fill(state, [batch] * staleness))
+    state = jax.block_until_ready(exp.fill_fifo(state, [batch] * exp.method.staleness))
 
-  jitted = parallel.jit_train_step(conadv.make_train_step(forward, tx, cfg), mesh, state)
   start = time.perf_counter()
-  lowered = jitted.lower(state, batch, batch_ahead)
+  lowered = exp.train_step.lower(state, batch, batch_ahead)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -154,16 +160,11 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.batch_size % len(devices):
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} must divide over {len(devices)} "
                          "devices.")
-  model = models.create_model(
-      FLAGS.model, num_classes=FLAGS.num_classes, dataset="synthetic", dtype=FLAGS.dtype,
-      bn_group_size=models.per_device_bn_group_size(FLAGS.bn_group_size, FLAGS.batch_size,
-                                                    len(devices)),
-      small_resnet_depth=FLAGS.small_resnet_depth, small_resnet_width=FLAGS.small_resnet_width)
   mesh = parallel.make_mesh(devices)
 
   benches = []
   for method in FLAGS.methods:
-    bench = build(method, model, mesh, image_shape, FLAGS.seed)
+    bench = build(method, mesh, channels)
     print(f"{method}: lowered in {bench.lower_s:.1f} s, compiled in {bench.compile_s:.1f} s",
           flush=True)
     benches.append(bench)

@@ -73,7 +73,8 @@ def test_untargeted_one_step_raises_the_loss_of_a_trained_model():
   tx = optax.adam(1e-2)
   v = model.init(jax.random.PRNGKey(0), images[:1], train=False)
   state = conadv.TrainState.create(params=v["params"], batch_stats=v["batch_stats"], tx=tx,
-                                   fifo_shape=(0,), rng=jax.random.PRNGKey(0))
+                                   staleness=0, batch_shape=images.shape,
+                                   rng=jax.random.PRNGKey(0))
   step = jax.jit(conadv.make_train_step(forward, tx, cfg))
   batch_ = {"image": images, "label": labels}
   for _ in range(30):

@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax import attacks, conadv, parallel
+from conadv_jax import attacks, conadv, experiment, input_pipeline, parallel
+from configs import cpu_smoke
 
 NUM_CLASSES = 5
 BATCH = 8
@@ -93,8 +94,8 @@ def library_run(method, tau, batches, num_steps, attack_config, mesh=None):
 
   def init():
     params, stats = tiny_init()
-    return conadv.TrainState.create(params=params, batch_stats=stats, tx=tx,
-                                    fifo_shape=(tau, BATCH, 2, 2, 3), rng=jax.random.PRNGKey(7))
+    return conadv.TrainState.create(params=params, batch_stats=stats, tx=tx, staleness=tau,
+                                    batch_shape=(BATCH, 2, 2, 3), rng=jax.random.PRNGKey(7))
 
   state = parallel.create_sharded_state(init, mesh)
   step = parallel.jit_train_step(conadv.make_train_step(tiny_forward, tx, cfg), mesh, state)
@@ -157,12 +158,14 @@ def test_fill_fifo_changes_no_statistics_and_bounds_examples():
   cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=2)
   tx = optax.sgd(LR)
   params, stats = tiny_init()
-  state = conadv.TrainState.create(params=params, batch_stats=stats, tx=tx,
-                                   fifo_shape=(2, BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
+  state = conadv.TrainState.create(params=params, batch_stats=stats, tx=tx, staleness=2,
+                                   batch_shape=(BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
   batches = make_batches(2)
-  filled = jax.jit(conadv.make_fill_fifo(tiny_forward, cfg))(
-      state, tuple(batches))
-  jax.tree.map(np.testing.assert_array_equal, filled.batch_stats, stats)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  stats_before = jax.device_get(stats)  # The fill donates the state.
+  filled = parallel.jit_fill_fifo(conadv.make_fill_fifo(tiny_forward, cfg), mesh, state)(
+      state, batches)
+  jax.tree.map(np.testing.assert_array_equal, filled.batch_stats, stats_before)
   for slot in range(2):
     delta = np.abs(np.asarray(filled.adv_fifo[slot]) - batches[slot]["image"])
     assert delta.max() <= DEFAULT.epsilon + 1e-4 and delta.max() > 0
@@ -187,8 +190,8 @@ def dependency_map(method, tau, taint):
   cfg = conadv.MethodConfig(method=method, num_classes=NUM_CLASSES, staleness=tau)
   tx = optax.sgd(LR, MOMENTUM)
   params, stats = tiny_init()
-  state = conadv.TrainState.create(params=params, batch_stats=stats, tx=tx,
-                                   fifo_shape=(tau, BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
+  state = conadv.TrainState.create(params=params, batch_stats=stats, tx=tx, staleness=tau,
+                                   batch_shape=(BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
   batch, ahead = make_batches(2)
   step = conadv.make_train_step(tiny_forward, tx, cfg)
   closed, out_shape = jax.make_jaxpr(step, return_shape=True)(state, batch, ahead)
@@ -224,31 +227,19 @@ def test_disadv_gradient_depends_on_attack():
 
 
 def test_one_and_four_devices_agree():
-  from conadv_jax import models
-  model = models.create_model("SmallResNet", num_classes=NUM_CLASSES, pixel_mean=(127.5,),
-                              pixel_std=(73.6,), small_resnet_depth=8, small_resnet_width=4,
-                              bn_group_size=4)
-  forward = conadv.linen_forward(model)
-  cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=1)
-  tx = optax.lars(0.1, momentum=0.9)
+  config = cpu_smoke.get_config("conadv")
+  config.update(dict(image_size=8, batch_size=16, bn_group_size=4, optimizer="lars",
+                     synthetic_num_classes=NUM_CLASSES))
+  info = input_pipeline.get_dataset_info(config)
   rng = np.random.RandomState(1)
   batches = [{"image": rng.uniform(0, 255, (16, 8, 8, 3)).astype(np.float32),
               "label": rng.randint(0, NUM_CLASSES, 16).astype(np.int32)} for _ in range(3)]
 
   def run(devices):
-    mesh = parallel.make_mesh(devices)
-
-    def init():
-      v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
-      return conadv.TrainState.create(params=v["params"], batch_stats=v["batch_stats"], tx=tx,
-                                      fifo_shape=(1, 16, 8, 8, 3), rng=jax.random.PRNGKey(1))
-
-    state = parallel.create_sharded_state(init, mesh)
-    fill = parallel.jit_fill_fifo(conadv.make_fill_fifo(forward, cfg), mesh, state)
-    step = parallel.jit_train_step(conadv.make_train_step(forward, tx, cfg), mesh, state)
-    state = fill(state, (batches[0],))
+    exp = experiment.build(config, info, parallel.make_mesh(devices))
+    state = exp.fill_fifo(exp.init_state(), batches[:1])
     for t in range(2):
-      state, _ = step(state, batches[t], batches[t + 1])
+      state, _ = exp.train_step(state, batches[t], batches[t + 1])
     assert len(state.adv_fifo.sharding.device_set) == len(devices)
     return jax.device_get(state)
 
@@ -257,3 +248,22 @@ def test_one_and_four_devices_agree():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                (one.params, one.batch_stats, one.adv_fifo),
                (four.params, four.batch_stats, four.adv_fifo))
+
+
+def test_fifo_fill_compiles_once_whatever_tau():
+  """One compiled program per slot, not τ unrolled attacks."""
+  cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=5)
+  tx = optax.sgd(LR)
+  params, stats = tiny_init()
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  init = lambda: conadv.TrainState.create(params=params, batch_stats=stats, tx=tx, staleness=5,
+                                          batch_shape=(BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
+  state = init()
+  batches = make_batches(5)
+  fill = parallel.jit_fill_fifo(conadv.make_fill_fifo(tiny_forward, cfg), mesh, state)
+  filled = fill(parallel.create_sharded_state(init, mesh), batches)
+  assert fill.compiled_slot._cache_size() == 1
+  # Batch i sits in slot i mod τ and was attacked with key i: the same as one slot at a time.
+  for i in (0, 3):
+    alone = conadv.make_fill_fifo(tiny_forward, cfg)(state, batches[i], jnp.int32(i))
+    np.testing.assert_array_equal(filled.adv_fifo[i], alone.adv_fifo[i])
