@@ -5,6 +5,7 @@ one targeted step (towards a random wrong label) with ε = step = 9 and a random
 probability 0.8; `num_steps` > 1 gives PGD.
 """
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -39,28 +40,43 @@ def random_wrong_labels(rng: jax.Array, labels: jax.Array, num_classes: int) -> 
   return (labels + offset) % num_classes
 
 
-def pgd_linf(loss_fn: LossFn, images: jax.Array, labels: jax.Array, rng: jax.Array,
-             config: AttackConfig, num_classes: int) -> jax.Array:
-  """Returns adversarial images within `epsilon` (L∞) of `images` and inside [0, 255].
+def _random_start_and_targets(rng: jax.Array, images: jax.Array, labels: jax.Array,
+                              config: AttackConfig,
+                              num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """(offset of the random start, labels to attack) drawn from one key.
 
-  Untargeted: ascend the loss of the true label. Targeted: descend the loss of a random wrong
-  label. The result carries no gradient.
+  Shapes follow `labels`: a batch ([B] labels) or, under vmap, one example ([] label).
   """
   start_rng, target_rng = jax.random.split(rng)
-  if config.targeted:
-    attack_labels, direction = random_wrong_labels(target_rng, labels, num_classes), -1.0
-  else:
-    attack_labels, direction = labels, 1.0
-  images = images.astype(jnp.float32)
-  lower = jnp.maximum(images - config.epsilon, 0.0)
-  upper = jnp.minimum(images + config.epsilon, PIXEL_MAX)
-
+  attack_labels = (random_wrong_labels(target_rng, labels, num_classes) if config.targeted
+                   else labels)
   noise_rng, coin_rng = jax.random.split(start_rng)
   noise = jax.random.uniform(noise_rng, images.shape, jnp.float32, -config.epsilon,
                              config.epsilon)
   use_noise = jax.random.bernoulli(coin_rng, config.random_start_prob,
-                                   (images.shape[0],) + (1,) * (images.ndim - 1))
-  start = jnp.clip(images + jnp.where(use_noise, noise, 0.0), lower, upper)
+                                   labels.shape + (1,) * (images.ndim - labels.ndim))
+  return jnp.where(use_noise, noise, 0.0), attack_labels
+
+
+def pgd_linf(loss_fn: LossFn, images: jax.Array, labels: jax.Array, rng: jax.Array,
+             config: AttackConfig, num_classes: int, *,
+             rng_per_example: bool = False) -> jax.Array:
+  """Returns adversarial images within `epsilon` (L∞) of `images` and inside [0, 255].
+
+  Untargeted: ascend the loss of the true label. Targeted: descend the loss of a random wrong
+  label. The result carries no gradient.
+
+  `rng` is one key for the whole batch, or with `rng_per_example` one key per example (leading
+  axis = batch): then an example's random start and target depend on its own key only, not on
+  which batch it is in or where (evaluation needs that; the train step keys whole batches).
+  """
+  images = images.astype(jnp.float32)
+  draw = functools.partial(_random_start_and_targets, config=config, num_classes=num_classes)
+  offset, attack_labels = (jax.vmap(draw) if rng_per_example else draw)(rng, images, labels)
+  direction = -1.0 if config.targeted else 1.0
+  lower = jnp.maximum(images - config.epsilon, 0.0)
+  upper = jnp.minimum(images + config.epsilon, PIXEL_MAX)
+  start = jnp.clip(images + offset, lower, upper)
 
   input_grad = jax.grad(lambda x: jnp.sum(loss_fn(x, attack_labels)))
 

@@ -1,4 +1,7 @@
-"""Evaluation scores every example exactly once, for any device and process count."""
+"""Evaluation scores each example once, and attacks it the same, however the split is laid out.
+
+Layouts: device and process counts, eval_batch_size, padding.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,13 @@ from conadv_jax import conadv, evaluation, input_pipeline, models, parallel
 from configs import cpu_smoke
 
 
+def make_state(params, batch_stats, batch_shape: tuple[int, ...]) -> conadv.TrainState:
+  """The only place this file builds a TrainState (its signature is still moving)."""
+  return conadv.TrainState.create(params=params, batch_stats=batch_stats, tx=optax.sgd(0.1),
+                                  staleness=0, batch_shape=batch_shape,
+                                  rng=jax.random.PRNGKey(1))
+
+
 @pytest.fixture(scope="module")
 def setup():
   config = cpu_smoke.get_config("conadv")
@@ -17,10 +27,8 @@ def setup():
   model = models.create_model_from_config(config, info.spec, num_devices=1)
   forward = conadv.linen_forward(model)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)), train=False)
-  state = conadv.TrainState.create(params=variables["params"],
-                                   batch_stats=variables["batch_stats"],
-                                   tx=optax.sgd(0.1), fifo_shape=(0,),
-                                   rng=jax.random.PRNGKey(1))
+  state = make_state(variables["params"], variables["batch_stats"],
+                     (config.eval_batch_size, *info.image_shape))
   cfg = conadv.MethodConfig(method="vanilla", num_classes=info.num_classes)
   return config, info, state, jax.jit(evaluation.make_eval_step(forward, cfg, False)), forward
 
@@ -64,3 +72,142 @@ def test_every_example_once_across_three_processes(setup):
   assert totals["count"] == count == 64
   np.testing.assert_allclose([totals["loss"] / count, totals["top1"] / count], [loss, top1],
                              rtol=1e-5)
+
+
+# --- The eval attack is keyed per example, so adv_top1 does not depend on the batching. ---
+
+ADV_IMAGE_SHAPE = (8, 8, 3)
+NUM_ADV_EXAMPLES = 28  # Batches of 4 fit exactly; of 8 and of 12 the last one is padded.
+# LLVM optimisation is most of an XLA:CPU compile; these programs run for milliseconds.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def numpy_variables(model: models.ResNet, image_shape: tuple[int, ...]):
+  """(params, batch_stats): He-normal kernels, unit BN scales, zero means and biases.
+
+  From numpy because model.init compiles a random kernel per parameter shape (~10 s here).
+  """
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
+                                             train=False))
+  rng = np.random.RandomState(0)
+
+  def value(path, leaf):
+    if path[-1].key == "kernel":
+      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if path[-1].key in ("scale", "var") else 0.0, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(value, shapes)
+  return variables["params"], variables["batch_stats"]
+
+
+@pytest.fixture(scope="module")
+def adversarial_eval():
+  """(state, eval_step, attack) under the training attack: random starts, random targets."""
+  model = models.create_model("SmallResNet", num_classes=10, pixel_mean=(127.5,),
+                              pixel_std=(73.6,), small_resnet_depth=8, small_resnet_width=4)
+  forward = conadv.linen_forward(model)
+  cfg = conadv.MethodConfig(method="vanilla", num_classes=10)  # Default AttackConfig.
+  assert cfg.attack.targeted and 0 < cfg.attack.random_start_prob < 1
+  state = make_state(*numpy_variables(model, ADV_IMAGE_SHAPE), (4, *ADV_IMAGE_SHAPE))
+  eval_step = jax.jit(evaluation.make_eval_step(forward, cfg, adversarial=True),
+                      compiler_options=FAST_COMPILE)
+  attack = jax.jit(evaluation.make_eval_attack(forward, cfg), compiler_options=FAST_COMPILE)
+  return state, eval_step, attack
+
+
+def eval_split() -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.RandomState(0)
+  return (rng.uniform(0, 255, (NUM_ADV_EXAMPLES, *ADV_IMAGE_SHAPE)).astype(np.float32),
+          rng.randint(0, 10, NUM_ADV_EXAMPLES).astype(np.int32))
+
+
+def padded_batches(images, labels, batch_size: int, *, indices: np.ndarray | None = None,
+                   junk_padding: bool = False) -> list[dict[str, np.ndarray]]:
+  """The examples in order, cut as eval_batches cuts one process's split: the last batch padded.
+
+  Padding rows have mask 0. `indices` adds each row's 'index' (-1 on padding); `junk_padding`
+  pads with noise images and random labels instead of zeros.
+  """
+  rng = np.random.RandomState(1)
+  batches = []
+  for start in range(0, len(labels), batch_size):
+    image, label = images[start:start + batch_size], labels[start:start + batch_size]
+    num_pad = batch_size - len(label)
+    pad_image = np.zeros((num_pad, *image.shape[1:]), np.float32)
+    pad_label = np.zeros(num_pad, np.int32)
+    if junk_padding:
+      pad_image = rng.uniform(0, 255, pad_image.shape).astype(np.float32)
+      pad_label = rng.randint(0, 10, num_pad).astype(np.int32)
+    batch = {"image": np.concatenate([image, pad_image]),
+             "label": np.concatenate([label, pad_label]),
+             "mask": np.concatenate([np.ones(len(label)), np.zeros(num_pad)]).astype(np.float32)}
+    if indices is not None:
+      batch["index"] = np.concatenate([indices[start:start + batch_size],
+                                       np.full(num_pad, -1)]).astype(np.int32)
+    batches.append(batch)
+  return batches
+
+
+def real_rows_adversarial(attack, state, batches) -> np.ndarray:
+  """Adversarial images of the unpadded rows, in batch order."""
+  rows = [np.asarray(attack(state, batch, jnp.int32(i)))[np.asarray(batch["mask"]) > 0]
+          for i, batch in enumerate(batches)]
+  return np.concatenate(rows)
+
+
+def test_adversarial_eval_does_not_depend_on_eval_batch_size(adversarial_eval):
+  state, eval_step, attack = adversarial_eval
+  images, labels = eval_split()
+  results, adversarial = {}, {}
+  for size in (4, 8, 12):
+    batches = padded_batches(images, labels, size)
+    results[size] = evaluation.evaluate(eval_step, state, batches)
+    adversarial[size] = real_rows_adversarial(attack, state, batches)
+  # 12 per batch again, sharded over 4 devices.
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  sharded = [jax.device_put(b, parallel.batch_sharding(mesh))
+             for b in padded_batches(images, labels, 12)]
+  replicated_state = jax.device_put(state, parallel.replicated(mesh))
+  results["12 on 4 devices"] = evaluation.evaluate(eval_step, replicated_state, sharded)
+  adversarial["12 on 4 devices"] = real_rows_adversarial(attack, replicated_state, sharded)
+
+  # The attack really moved (nearly) every example, within its budget.
+  moved = np.any(adversarial[4] != images, axis=(1, 2, 3))
+  assert moved.mean() > 0.9 and np.abs(adversarial[4] - images).max() <= 9.0 + 1e-4
+  for layout in (8, 12, "12 on 4 devices"):
+    np.testing.assert_array_equal(adversarial[layout], adversarial[4], err_msg=str(layout))
+    assert results[layout]["num_examples"] == NUM_ADV_EXAMPLES
+    assert results[layout]["adv_top1"] == results[4]["adv_top1"], layout
+
+
+def test_eval_attack_depends_on_the_example_index_only(adversarial_eval):
+  """With 'index' in the batch, an example shuffled elsewhere or alone gets the same attack."""
+  state, _, attack = adversarial_eval
+  images, labels = eval_split()
+  in_order = real_rows_adversarial(attack, state, padded_batches(images, labels, 8))
+  order = np.random.RandomState(2).permutation(NUM_ADV_EXAMPLES)
+  shuffled = real_rows_adversarial(
+      attack, state, padded_batches(images[order], labels[order], 8, indices=order))
+  np.testing.assert_array_equal(shuffled, in_order[order])
+  for i in (0, 13, NUM_ADV_EXAMPLES - 1):
+    alone = padded_batches(images[i:i + 1], labels[i:i + 1], 1, indices=np.array([i]))[0]
+    np.testing.assert_array_equal(np.asarray(attack(state, alone, jnp.int32(0)))[0], in_order[i])
+  # And the key is the state's: another root key gives other random starts and targets.
+  other = state.replace(rng=jax.random.PRNGKey(2))
+  other_adversarial = real_rows_adversarial(attack, other, padded_batches(images, labels, 8))
+  assert np.mean(np.any(other_adversarial != in_order, axis=(1, 2, 3))) > 0.5
+
+
+def test_padding_rows_change_nothing(adversarial_eval):
+  state, eval_step, attack = adversarial_eval
+  images, labels = eval_split()
+  zero_padded = padded_batches(images, labels, 12)
+  junk_padded = padded_batches(images, labels, 12, junk_padding=True)
+  noise = np.random.RandomState(3).uniform(0, 255, (12, *ADV_IMAGE_SHAPE)).astype(np.float32)
+  junk_padded.append({"image": noise, "label": np.arange(12, dtype=np.int32) % 10,
+                      "mask": np.zeros(12, np.float32)})  # And a fully padded batch.
+  assert zero_padded[-1]["mask"].sum() == 4  # The split does end in padding.
+  assert (evaluation.evaluate(eval_step, state, junk_padded) ==
+          evaluation.evaluate(eval_step, state, zero_padded))
+  np.testing.assert_array_equal(real_rows_adversarial(attack, state, junk_padded),
+                                real_rows_adversarial(attack, state, zero_padded))
