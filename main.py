@@ -39,21 +39,43 @@ def _user_error(message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with config-file and flag mistakes turned into one error line."""
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+    FLAGS.config.keys()  # A config file that failed to load raises only when first read.
+    return argv
   except Exception as e:  # pylint: disable=broad-except
-    # The config file is run while parsing: point at its line when the error is in there.
-    where = ""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/configs/" in f.filename]
-    if isinstance(e, SyntaxError) and e.filename:
-      where = f" ({e.filename}, line {e.lineno})"
-    elif frames:
-      where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
-    message = str(e).strip() or type(e).__name__
-    if not isinstance(e, flags.Error):
-      message = f"{type(e).__name__}: {message}"
-    _user_error(f"{message}{where}. Usage: python main.py --config=configs/FILE.py[:PRESET] "
-                "--workdir=DIR [--config.FIELD=VALUE ...]")
+    _user_error(f"{_describe_parse_error(e)} Usage: python main.py "
+                "--config=configs/FILE.py[:PRESET] --workdir=DIR [--config.FIELD=VALUE ...]")
   return []
+
+
+def _describe_parse_error(error: Exception) -> str:
+  """The root cause of a flag or config-file error, with its line in the config file."""
+  chain = [error]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  root = chain[-1]
+  if isinstance(root, KeyError) and any("--config." in a for a in sys.argv):
+    return (f"config.{root.args[0]} is not a field of this config (a misspelled "
+            "--config.FIELD override?); see configs/default.py for the fields.")
+  where = ""
+  frames = [f for e in reversed(chain) for f in traceback.extract_tb(e.__traceback__)
+            if f.filename.endswith(".py") and "/site-packages/" not in f.filename
+            and not f.filename.endswith("main.py")][:1]
+  if isinstance(root, SyntaxError) and root.filename:
+    where = f" ({root.filename}, line {root.lineno})"
+  elif frames:
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
+  lines = [line for line in str(root).splitlines()
+           if line.strip() and not line.startswith(("Traceback", "  "))]
+  # ml_collections puts the path of a missing config file only in an outer error's text.
+  lines += [line.strip() for e in chain[:-1] for line in str(e).splitlines()
+            if "[Errno" in line or line.strip().startswith("/")]
+  message = " ".join(lines) or type(root).__name__
+  if not isinstance(root, flags.Error):
+    message = f"{type(root).__name__}: {message}"
+  if root is not error and isinstance(error, flags.Error):
+    message = f"{str(error).splitlines()[0].rstrip(':')}: {message}"
+  return f"{message.rstrip('.')}{where}."
 
 
 def _check_port_free(address: str) -> None:

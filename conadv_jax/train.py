@@ -156,21 +156,22 @@ def _check_fifo_memory(exp: experiment.Experiment) -> None:
   fifo = exp.fifo_bytes_per_device()
   if not fifo:
     return
-  gib = 2**30
-  limit = exp.config.fifo_memory_limit_gib * gib
+  limit = exp.config.fifo_memory_limit_gib * 2**30
   source = f"config.fifo_memory_limit_gib={exp.config.fifo_memory_limit_gib}"
   if not limit:
     stats = exp.mesh.devices.flat[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 0) / 2
     source = "half of the device's memory"
-  logging.info("Adversarial FIFO: %d batches of %s, %.3f GiB per device.", exp.method.staleness,
-               exp.batch_shape, fifo / gib)
+  mib = 2**20
+  logging.info("Adversarial FIFO: %d batches of %s, %.1f MiB per device.", exp.method.staleness,
+               exp.batch_shape, fifo / mib)
   if limit and fifo > limit:
     raise config_validation.ConfigError(
-        f"config.staleness={exp.method.staleness}: the adversarial FIFO would need "
-        f"{fifo / gib:.2f} GiB per device ({exp.method.staleness} x {exp.batch_shape} float32 "
-        f"over {exp.mesh.size} devices), more than {limit / gib:.2f} GiB ({source}). Lower "
-        "staleness or batch_size, use more devices, or raise config.fifo_memory_limit_gib.")
+        f"config.staleness={exp.method.staleness} is not allowed: the adversarial FIFO would "
+        f"need {fifo / mib:.3f} MiB per device ({exp.method.staleness} x {exp.batch_shape} "
+        f"float32 over {exp.mesh.size} devices), more than {limit / mib:.3f} MiB ({source}). "
+        "Lower staleness or batch_size, use more devices, or raise "
+        "config.fifo_memory_limit_gib.")
 
 
 def _create_or_restore(exp: experiment.Experiment,

@@ -1,8 +1,8 @@
-"""Config validation through main.py, as a user meets it: one case per rule.
+"""Every mistake a user can type, through main.py: one `error:` line, exit status 2, no traceback.
 
-Each bad value must stop the run before anything is compiled, within 30 s, with a non-zero exit
-status, a message that names the field (`config.<field>=<value> is not allowed: <what is>`) and
-no traceback. Runs on 4 fake CPU devices, so cpu_smoke's batch of 32 is 8 per device.
+Each bad value must stop the run before anything is compiled, within 30 s, with a message that
+names the field (`config.<field>=<value> is not allowed: <what is>`) or the flag, file or folder.
+Runs on 4 fake CPU devices, so cpu_smoke's batch of 32 is 8 per device.
 """
 import pathlib
 import subprocess
@@ -40,9 +40,25 @@ CASES = [
     (["--config.learning_rate=-0.1"], "learning_rate"),
     (["--config.learning_rate=nan"], "learning_rate"),
     (["--config.learning_rate=inf"], "learning_rate"),
-    (["--config.warmup_epochs=100"], "warmup_epochs"),  # 800 warmup steps in a 12-step run.
     (["--config.num_train_steps=-1"], "num_epochs"),  # And num_epochs is -1: no length.
     (["--config.num_train_steps=0", "--config.num_epochs=0"], "num_epochs"),
+    # 0.01 epochs of 8 steps rounds to 0 steps.
+    (["--config.num_train_steps=-1", "--config.num_epochs=0.01"], "num_epochs"),
+    (["--config.keep_checkpoints=0"], "keep_checkpoints"),
+    (["--config.image_size=-1"], "image_size"),
+    (["--config.small_resnet_width=0"], "small_resnet_width"),
+    (["--config.small_resnet_depth=7"], "small_resnet_depth"),
+    (["--config.lr_schedule=step"], "lr_schedule"),
+    (["--config.lr_decay_power=0"], "lr_decay_power"),
+    (["--config.end_learning_rate=1.0"], "end_learning_rate"),  # Above the peak of 0.05.
+    (["--config.momentum=1.5"], "momentum"),
+    (["--config.label_smoothing=1.0"], "label_smoothing"),
+    (["--config.eval_every_steps=0"], "eval_every_steps"),
+    (["--config.eval_batch_size=6"], "eval_batch_size"),
+    (["--config.seed=-1"], "seed"),
+    (["--config.synthetic_num_classes=1"], "synthetic_num_classes"),
+    (["--config.fifo_memory_limit_gib=-1"], "fifo_memory_limit_gib"),
+    (["--config.fifo_memory_limit_gib=0.00001"], "staleness"),  # The FIFO needs 0.00009 GiB.
 ]
 
 
@@ -50,17 +66,20 @@ def _env(**extra: str) -> dict[str, str]:
   return cpu_env(NUM_DEVICES, **extra)
 
 
-def _run_main(workdir: pathlib.Path, flags: list[str], **env: str) -> tuple[int, str, float]:
+def _run_main(workdir: pathlib.Path | None, flags: list[str], config: str = CONFIG,
+              **env: str) -> tuple[int, str, float]:
   """Runs main.py; returns (exit status, stdout + stderr, seconds)."""
   start = time.monotonic()
+  args = [config] + ([f"--workdir={workdir}"] if workdir is not None else [])
   proc = subprocess.run(
-      [sys.executable, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}", *flags],
+      [sys.executable, str(REPO / "main.py"), *args, *flags],
       cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=120, check=False)
   return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 
 def _assert_user_error(status: int, output: str, seconds: float) -> None:
-  assert status != 0, output[-3000:]
+  assert status == 2, output[-3000:]
+  assert "error: " in output, output[-3000:]
   assert "Traceback" not in output, output[-3000:]
   assert seconds < 30, f"took {seconds:.1f} s"
 
@@ -96,3 +115,78 @@ def test_unprepared_imagenet_in_data_dir_flag_says_how_to_prepare_it(tmp_path):
       tmp_path / "workdir", ["--config.dataset=imagenet2012", f"--config.data_dir={data_dir}"])
   _assert_user_error(status, output, seconds)
   _assert_says_how_to_prepare_imagenet(output, data_dir)
+
+
+def _broken_config(tmp_path: pathlib.Path, body: str) -> str:
+  path = tmp_path / "broken.py"
+  path.write_text("from configs import default\n\n\ndef get_config():\n" + body)
+  return f"--config={path}"
+
+
+# (config flag, extra flags, text the error must contain). Mistakes made while parsing the
+# command line and loading the config file.
+COMMAND_CASES = [
+    ("missing_file", f"--config={REPO / 'configs' / 'no_such.py'}", [], "no_such.py"),
+    ("unknown_preset", f"--config={REPO / 'configs' / 'cpu_smoke.py'}:madry", [], "madry"),
+    ("unknown_field", CONFIG, ["--config.learnin_rate=0.1"], "learnin_rate"),
+    ("wrong_type", CONFIG, ["--config.learning_rate=abc"], "learning_rate"),
+    ("unknown_flag", CONFIG, ["--workdirr=/tmp/x"], "workdirr"),
+    ("syntax_error", "SYNTAX", [], "broken.py, line"),
+    ("raises", "RAISES", [], "broken.py, line 6"),
+]
+
+
+@pytest.mark.parametrize("name,config,flags,text", COMMAND_CASES,
+                         ids=[c[0] for c in COMMAND_CASES])
+def test_command_line_and_config_file_mistakes(tmp_path, name, config, flags, text):
+  del name
+  if config == "SYNTAX":
+    config = _broken_config(tmp_path, "  config = default.get_config(\n  return config\n")
+  elif config == "RAISES":
+    config = _broken_config(tmp_path, "  config = default.get_config()\n  config.nope.x = 1\n")
+  status, output, seconds = _run_main(tmp_path / "workdir", flags, config=config)
+  _assert_user_error(status, output, seconds)
+  assert text in output, output[-3000:]
+  assert not (tmp_path / "workdir").exists()
+
+
+def test_empty_workdir_is_refused(tmp_path):
+  status, output, seconds = _run_main(None, ["--workdir="])
+  _assert_user_error(status, output, seconds)
+  assert "--workdir is empty" in output
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / "file").write_text("not a folder")
+  status, output, seconds = _run_main(tmp_path / "file", [])
+  _assert_user_error(status, output, seconds)
+  assert "is a file, not a folder" in output
+  assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_data_dir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / "data").write_text("")
+  status, output, seconds = _run_main(
+      tmp_path / "workdir", [f"--config.data_dir={tmp_path / 'data'}"],
+      config=f"--config={REPO / 'configs' / 'fashion_mnist.py'}:conadv")
+  _assert_user_error(status, output, seconds)
+  assert str(tmp_path / "data") in output
+
+
+def test_corrupt_idx_file_is_named_with_the_fix(tmp_path):
+  from conadv_jax import fashion_mnist  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "fashion"
+  data.mkdir()
+  for split, count in (("train", 64), ("test", 16)):
+    images_name, labels_name = fashion_mnist.IDX_FILES[split]
+    fashion_mnist.write_idx(data / images_name, np.zeros([count, 28, 28], np.uint8))
+    fashion_mnist.write_idx(data / labels_name, np.zeros([count], np.uint8))
+  victim = data / fashion_mnist.IDX_FILES["train"][0]
+  victim.write_bytes(victim.read_bytes()[:100])  # Truncated: a broken gzip stream.
+  status, output, seconds = _run_main(
+      tmp_path / "workdir", [f"--config.data_dir={data}", "--config.batch_size=32",
+                             "--config.bn_group_size=8"],
+      config=f"--config={REPO / 'configs' / 'fashion_mnist.py'}:conadv")
+  _assert_user_error(status, output, seconds)
+  assert str(victim) in output, output[-3000:]
