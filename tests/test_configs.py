@@ -1,11 +1,14 @@
 """Every config file and preset loads, passes validation and builds its model."""
 import importlib
+import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
-from conadv_jax import config_validation, datasets, input_pipeline, models
+from conadv_jax import (config_history, config_validation, datasets, experiment, input_pipeline,
+                        models, parallel)
 from configs import common, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -59,3 +62,60 @@ def test_unknown_preset_names_the_choices():
 def test_cpu_smoke_data_is_available_offline():
   info = input_pipeline.get_dataset_info(load("cpu_smoke", "conadv"))
   assert info.num_train_examples == 256 and info.image_shape == (16, 16, 3)
+
+
+def test_every_default_field_has_a_validation_rule_and_no_rule_is_stale():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  fields = set(config_history.flatten(default.get_config()))
+  assert fields == set(config_validation.FIELD_RULES)
+
+
+@pytest.mark.parametrize("name,preset", [c for c in CASES if c[1] is None or "_" not in c[1]
+                                         or c[1].endswith(("_1k", "_96k"))])
+def test_three_step_quick_check_of_every_preset_builds(name, preset):
+  """--config.num_train_steps=3: validation passes (a long warmup is clamped) and the run's
+  state, optimizer and schedule build, from the registry's published sizes (no data needed)."""
+  config = load(name, preset)
+  config.num_train_steps = 3
+  config_validation.validate(config, num_devices=4)
+  spec = datasets.get_spec(config)
+  side = config.image_size or spec.native_image_size
+  info = input_pipeline.DatasetInfo(
+      spec=spec, num_classes=spec.num_classes, image_shape=(side, side, spec.channels),
+      num_train_examples=spec.num_train_examples, num_eval_examples=spec.num_eval_examples)
+  exp = experiment.build(config, info, parallel.make_mesh(jax.devices()[:4]))
+  assert exp.total_steps == 3
+  if config.warmup_epochs * exp.steps_per_epoch >= 3:  # Clamped: the peak at the last step.
+    assert float(exp.learning_rate_fn(3)) == pytest.approx(config.learning_rate, rel=1e-5)
+
+
+def _first_batches(config, num=2):
+  info = input_pipeline.get_dataset_info(config)
+  batches = itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
+                                                          process_count=1), num)
+  return [b["image"].tobytes() + b["label"].tobytes() for b in batches]
+
+
+def test_every_field_that_changes_the_data_is_refused_on_resume():
+  """Perturbs every field of a synthetic config; if batch t changes, a resume must refuse it."""
+  base = load("cpu_smoke", "conadv")
+  base.update(dict(image_size=8, synthetic_num_examples=128))
+  reference = _first_batches(base)
+  perturbed = {bool: lambda v: not v, int: lambda v: v + 1 if v != -1 else 3,
+               float: lambda v: v * 0.5 + 0.25, str: None, type(None): None}
+  changes_data = []
+  for field, value in config_history.flatten(base).items():
+    change = perturbed[type(value)]
+    if change is None or field.startswith("attack."):
+      continue  # Names are covered by the registry; the attack is not in the pipeline.
+    config = ml_collections.ConfigDict(base.to_dict())
+    config[field] = change(value)
+    try:
+      batches = _first_batches(config)
+    except Exception:  # pylint: disable=broad-except  # An invalid value: not a data change.
+      continue
+    if batches != reference:
+      changes_data.append(field)
+  refused = set(config_history.DATA_ORDER_FIELDS) | set(config_history.STEP_MEANING_FIELDS)
+  assert {"seed", "batch_size", "image_size"} <= set(changes_data)
+  assert set(changes_data) <= refused, set(changes_data) - refused

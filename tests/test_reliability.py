@@ -11,6 +11,7 @@ import os
 import pathlib
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from cpu_env import cpu_env
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
 RUN_TIMEOUT_S = 600  # Generous: 2 cores may be shared with another test file (pytest -n 2).
-PREEMPTED = re.compile(r"Preempted: saved a checkpoint at step (\d+)")
+PREEMPTED = re.compile(r"Stopped by [\w ]+: saved a checkpoint at step (\d+)")
 
 # Records which process opens results.json or metrics.jsonl for writing (a Python audit hook,
 # loaded at start-up as sitecustomize): proves that only process 0 writes them.
@@ -260,11 +261,13 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes(single_run, tmp_path,
   assert re.search(r"Checkpoint at step 12 in \S+ cannot be restored", output), victim
   assert "Restored checkpoint at step 8 " in output
   assert "resuming from step 8 " in output
-  assert "Replacing the damaged checkpoint at step 12." in output
+  assert "Moved the damaged checkpoint at step 12 aside to" in output
+  assert "dropped a line that is not a metrics record" in output
+  assert len(list((workdir / "checkpoints_damaged").glob("12.*"))) == 1  # Kept, not deleted.
   assert _results(workdir)["final_step"] == 16
   assert _steps(workdir) == list(range(2, 17, 2))  # 10 and 12 again, once each.
   # Every checkpoint kept now restores, the recomputed 12 included, with finite values.
-  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "config"))
+  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "record"))
   assert manager.all_steps() == [8, 12, 16]
   for step in manager.all_steps():
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
@@ -304,16 +307,175 @@ def test_checkpoint_part_of_one_process_damaged_both_fall_back(two_process_run, 
   assert _steps(workdir) == list(range(2, 17, 2))
 
 
+def _checkpoint_files(workdir: pathlib.Path) -> dict[str, tuple[int, float]]:
+  return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime)
+          for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize("flag,difference", [
-    ("--config.staleness=2", "staleness=1 there but 2 now"),
-    ("--config.model=ResNet18", "model='SmallResNet' there but 'ResNet18' now"),
+    ("--config.staleness=2", "staleness: 1 in the checkpoint, 2 now: refused"),
+    ("--config.seed=1", "seed: 0 in the checkpoint, 1 now: refused"),
+    ("--config.method=disadv --config.staleness=0", "method: 'conadv' in the checkpoint"),
+    ("--config.model=ResNet18", "model: 'SmallResNet' in the checkpoint, 'ResNet18' now"),
+    # Not in any hand-kept list: the saved arrays themselves differ.
+    ("--config.optimizer=lars", "the saved state differs from the one this config builds"),
+    ("--config.synthetic_num_classes=7", "params.head.kernel: (16, 10) float32 there, "
+     "(16, 7) float32 now"),
 ])
-def test_checkpoint_of_another_experiment_is_refused_by_name(single_run, tmp_path, flag,
-                                                             difference):
+def test_checkpoint_of_another_experiment_is_refused_and_kept(single_run, tmp_path, flag,
+                                                              difference):
   workdir = tmp_path / "workdir"
   shutil.copytree(single_run, workdir)
-  process = _Main(tmp_path / "main.log", workdir, flag)
+  before = _checkpoint_files(workdir)
+  process = _Main(tmp_path / "main.log", workdir, *flag.split())
   assert _wait([process], timeout=120) == [2], process.output[-5000:]
   assert "belongs to a different experiment" in process.output
-  assert difference in process.output
+  assert difference in process.output, process.output[-3000:]
   assert "Traceback" not in process.output
+  assert _checkpoint_files(workdir) == before  # Nothing deleted, moved or rewritten.
+  assert not (workdir / "checkpoints_damaged").exists()
+
+
+def test_changed_settings_are_warned_and_recorded(single_run, tmp_path):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  output = _run(tmp_path / "main.log", workdir, "--config.learning_rate=0.1",
+                "--config.num_train_steps=16", "--config.attack.epsilon=4")
+  assert "learning_rate: 0.05 in the checkpoint, 0.1 now" in output
+  assert "num_train_steps: 12 in the checkpoint, 16 now" in output
+  assert "attack.epsilon: 9.0 in the checkpoint, 4.0 now" in output
+  results = _results(workdir)
+  assert results["config_history"] == [{"step": 12, "changes": {
+      "attack.epsilon": [9.0, 4.0], "learning_rate": [0.05, 0.1], "num_train_steps": [12, 16]}}]
+  assert _steps(workdir) == list(range(2, 17, 2)) and _steps(workdir, "eval") == [6, 12, 16]
+
+
+def test_checkpoint_past_the_new_total_is_refused(single_run, tmp_path):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  before = _checkpoint_files(workdir)
+  process = _Main(tmp_path / "main.log", workdir, "--config.num_train_steps=8")
+  assert _wait([process], timeout=120) == [2], process.output[-5000:]
+  assert "is at step 12, past this run's 8 steps" in process.output
+  assert _checkpoint_files(workdir) == before
+
+
+def test_rerunning_a_finished_run_adds_no_line(single_run, tmp_path):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  metrics = (workdir / "metrics.jsonl").read_text()
+  _run(tmp_path / "main.log", workdir)
+  assert (workdir / "metrics.jsonl").read_text() == metrics
+  assert _results(workdir)["eval"] == _results(single_run)["eval"]
+
+
+def test_empty_and_foreign_entries_never_push_out_a_checkpoint(single_run, tmp_path):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  (workdir / "checkpoints" / "99").mkdir()  # Empty: as left by a crash mid-save elsewhere.
+  (workdir / "checkpoints" / "NOTES.txt").write_text("mine")
+  output = _run(tmp_path / "main.log", workdir, "--config.num_train_steps=16")
+  assert "Moved the damaged checkpoint at step 99 aside" in output
+  assert "resuming from step 12 " in output
+  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "record"))
+  assert manager.all_steps() == [8, 12, 16]
+  assert (workdir / "checkpoints" / "NOTES.txt").read_text() == "mine"
+
+
+def test_one_run_per_workdir_and_a_dead_run_s_lock_is_taken_over(tmp_path):
+  workdir = tmp_path / "workdir"
+  first = _Main(tmp_path / "first.log", workdir, "--config.num_train_steps=100000",
+                "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000")
+  _wait_until(lambda: max(_steps(workdir), default=0) >= 2, [first], "step 2")
+  second = _Main(tmp_path / "second.log", workdir)
+  assert _wait([second], timeout=120) == [2], second.output[-5000:]
+  assert "is in use by another run" in second.output
+  assert f"pid {first.popen.pid}" in second.output
+  assert first.running()
+  first.popen.kill()  # SIGKILL: the lock stays behind, stale.
+  first.popen.wait()
+  assert (workdir / "run.lock").exists()
+  output = _run(tmp_path / "third.log", workdir)
+  assert "Taking over the stale lock" in output
+  assert _steps(workdir) == list(range(2, 13, 2))  # The killed run's lines were dropped.
+  assert not (workdir / "run.lock").exists()
+
+
+def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(single_run, tmp_path):
+  """A file-size limit makes the checkpoint's data file fail to write, as a full disk would."""
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")
+  (workdir / "results.json").unlink()
+  log = tmp_path / "main.log"
+  with open(log, "w") as f:
+    status = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}",
+         "--config.num_train_steps=24"], cwd=REPO, env=cpu_env(4), stdout=f,
+        stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))).returncode
+  output = log.read_text()
+  assert status == 2, output[-5000:]
+  assert "error: Saving a checkpoint in" in output and "the last good checkpoint is step" in output
+  assert "Traceback" not in output
+  assert max(_steps(workdir)) < 24  # Stopped, not trained to the end.
+  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "record"))
+  assert 8 in manager.all_steps()
+  state = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  assert int(state["step"]) == 8
+
+
+def test_fifo_fill_is_logged_and_a_run_records_its_config_and_a_trace(tmp_path):
+  workdir = tmp_path / "workdir"
+  output = _run(tmp_path / "main.log", workdir, "--config.staleness=2",
+                "--config.profile_steps=2")
+  assert "Filling the adversarial FIFO with attacks on the first 2 batches" in output
+  assert "Filled 2 of 2 FIFO slots" in output
+  assert json.loads((workdir / "config.json").read_text())["staleness"] == 2
+  assert list(workdir.glob("plugins/profile/*/*.xplane.pb")), sorted(workdir.rglob("*"))
+
+
+def test_sigint_saves_and_exits_0(tmp_path):
+  workdir = tmp_path / "workdir"
+  process = _Main(tmp_path / "main.log", workdir, "--config.num_train_steps=100000",
+                  "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000")
+  _wait_until(lambda: max(_steps(workdir), default=0) >= 2, [process], "step 2")
+  process.popen.send_signal(signal.SIGINT)  # Ctrl-C.
+  assert _wait([process], timeout=60) == [0], process.output[-5000:]
+  assert "Stopped by SIGINT" in process.output
+  stopped = _preempted_step(process.output)
+  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+
+
+def test_a_missing_peer_fails_fast_with_the_fix(tmp_path):
+  address = f"127.0.0.1:{_free_port()}"
+  process = _Main(tmp_path / "main.log", tmp_path / "workdir", f"--coordinator_address={address}",
+                  "--num_processes=2", "--process_id=0", "--distributed_timeout=5",
+                  num_devices=2)
+  assert _wait([process], timeout=60) == [2], process.output[-5000:]
+  assert f"not all 2 processes joined the coordinator at {address} within" in process.output
+  assert "Traceback" not in process.output
+
+
+def test_a_busy_coordinator_port_is_named(tmp_path):
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    process = _Main(tmp_path / "main.log", tmp_path / "workdir",
+                    f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    "--process_id=0", num_devices=2)
+    assert _wait([process], timeout=60) == [2], process.output[-5000:]
+  assert f"port {port} on 127.0.0.1 is already in use" in process.output
+
+
+def test_processes_with_different_configs_are_refused_by_field(tmp_path):
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  processes = [_Main(tmp_path / f"process_{i}.log", tmp_path / "workdir", address,
+                     "--num_processes=2", f"--process_id={i}",
+                     f"--config.learning_rate={0.05 * (i + 1)}", num_devices=2)
+               for i in range(2)]
+  assert _wait(processes, timeout=120) == [2, 2], "\n".join(p.output[-3000:] for p in processes)
+  for p in processes:
+    assert "started with different configs (fields config.learning_rate" in p.output
+  assert not (tmp_path / "workdir" / "checkpoints").exists()
