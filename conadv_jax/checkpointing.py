@@ -210,17 +210,16 @@ class Checkpointer:
 
   def _check_same_experiment(self, step: int, saved_signature: dict, expected_signature: dict,
                              record: dict[str, Any], config: dict[str, Any]) -> None:
-    refused, _ = config_history.compare(record.get("config", {}), config)
+    refused, accepted = config_history.compare(record.get("config", {}), config)
     structure = _signature_differences(saved_signature, expected_signature)
     if not refused and not structure:
       return
     lines = [f"{c.describe()}: refused, {config_history.why_refused(c)}" for c in refused]
     if structure:
-      others = [c.describe() for c in config_history.compare(record.get("config", {}),
-                                                             config)[1]]
+      changed = "; ".join(c.describe() for c in accepted)
       lines.append("the saved state differs from the one this config builds (" +
                    "; ".join(structure) + ")" +
-                   (f"; changed settings: {'; '.join(others)}" if others else ""))
+                   (f"; changed settings: {changed}" if changed else ""))
     raise CheckpointMismatchError(
         f"The checkpoint at step {step} in {self.directory} belongs to a different experiment: "
         + "; ".join(lines) + ". Resume with the original config, or start this one in a new "

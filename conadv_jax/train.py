@@ -159,7 +159,7 @@ def _check_fifo_memory(exp: experiment.Experiment) -> None:
   limit = exp.config.fifo_memory_limit_gib * 2**30
   source = f"config.fifo_memory_limit_gib={exp.config.fifo_memory_limit_gib}"
   if not limit:
-    stats = exp.mesh.devices.flat[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU.
     limit = stats.get("bytes_limit", 0) / 2
     source = "half of the device's memory"
   mib = 2**20
