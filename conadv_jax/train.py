@@ -57,24 +57,18 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def __init__(self, workdir: epath.Path, resume_step: int):
     self.path = epath.Path(workdir) / "metrics.jsonl"  # epath: also gs://.
-    self.logged: set[tuple[int, str]] = set()
-    self.last_eval: dict[str, Any] | None = None
     if not self.path.exists():
       return
     kept = []
     for line in self.path.read_text().splitlines(keepends=True):
       try:
-        record = json.loads(line)
-        step, kind = int(record["step"]), str(record["kind"])
+        step = int(json.loads(line)["step"])
       except (ValueError, KeyError, TypeError):
         logging.warning("metrics.jsonl: dropped a line that is not a metrics record (cut short "
                         "by a killed run?): %r", line[:200])
         continue
       if step <= resume_step:
         kept.append(line)
-        self.logged.add((step, kind))
-        if kind == "eval" and step == resume_step:
-          self.last_eval = {k: v for k, v in record.items() if k not in ("step", "kind")}
     self.path.write_text("".join(kept))
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -85,7 +79,6 @@ class JsonlWriter(metric_writers.MetricWriter):
     with self.path.open("a") as f:
       for kind, values in by_kind.items():
         f.write(json.dumps({"step": int(step), "kind": kind, **values}) + "\n")
-        self.logged.add((int(step), kind))
 
   # metrics.jsonl holds scalars only; the TensorBoard writer beside it takes the rest.
   def write_summaries(self, step, values, metadata=None):
@@ -189,10 +182,12 @@ def _create_or_restore(exp: experiment.Experiment,
   _, accepted = config_history.compare(restored.record.get("config", {}), current)
   for change in accepted:
     logging.warning("Resuming with a changed setting: %s.", change.describe())
-  history = list(restored.record.get("history", []))
-  if accepted:
-    history.append(config_history.history_entry(restored.step, accepted))
-  return _Run(restored.state, restored.step, True, {"config": current, "history": history})
+  record = dict(restored.record, config=current)
+  if accepted:  # The saved final eval, if any, was made under the old settings.
+    record["history"] = [*record.get("history", []),
+                         config_history.history_entry(restored.step, accepted)]
+    record.pop("final_eval", None)
+  return _Run(restored.state, restored.step, True, record)
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -269,8 +264,9 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
       checkpointer.check_for_errors()
       stop = signals.requested or (
           "preemption notice" if checkpointer.reached_preemption(run.step) else None)
-      save = checkpointer.should_save(run.step) or stop
       last = run.step == exp.total_steps
+      # The last step's checkpoint is _finish's, saved with the final eval in its record.
+      save = (checkpointer.should_save(run.step) and not last) or stop
       if pending and (run.step % config.log_every_steps == 0 or save or last):
         summary = _mean_metrics(pending)
         pending = []
@@ -300,14 +296,14 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
 
 
 def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Checkpointer,
-            writer: metric_writers.MultiWriter, jsonl: JsonlWriter | None,
-            start_time: float) -> dict[str, Any]:
-  """Final eval (unless this step's is logged already), last checkpoint, results.json."""
-  if jsonl is not None and jsonl.last_eval is not None and (run.step, "eval") in jsonl.logged:
-    eval_results = jsonl.last_eval  # A rerun of a finished run: the eval line is there.
-  else:
+            writer: metric_writers.MetricWriter, start_time: float) -> dict[str, Any]:
+  """Final eval (unless the final checkpoint holds it: a rerun), last checkpoint, results.json."""
+  final = run.record.get("final_eval", {})
+  eval_results = final.get("results") if final.get("step") == run.step else None
+  if eval_results is None:  # Every process decides alike: the record is the checkpoint's.
     eval_results = evaluate(exp, run.state)
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
+    run.record["final_eval"] = {"step": run.step, "results": eval_results}
   checkpointer.save(run.step, run.state, run.record, force=True)
   checkpointer.wait_until_finished()
   train_summary = run.record.get("last_train", {})
@@ -348,10 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with checkpointing.Checkpointer(path, every=config.checkpoint_every_steps,
                                     keep=config.keep_checkpoints) as checkpointer:
       run = _create_or_restore(exp, checkpointer)
-      jsonl = JsonlWriter(path, run.step) if is_chief else None
       writer = metric_writers.MultiWriter(
           [metric_writers.create_default_writer(path, just_logging=not is_chief)] +
-          ([jsonl] if jsonl else []))
+          ([JsonlWriter(path, run.step)] if is_chief else []))
       try:
         if not run.resumed:
           parameter_overview.log_parameter_overview(run.state.params)
@@ -361,6 +356,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop = _train(exp, run, checkpointer, writer, lock)
         if stop:
           return {"stopped_at_step": run.step, "reason": stop}
-        return _finish(exp, run, checkpointer, writer, jsonl, start_time)
+        return _finish(exp, run, checkpointer, writer, start_time)
       finally:
         writer.close()
