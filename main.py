@@ -146,7 +146,8 @@ class _QuietLibraries:
   background threads (a failed save is reported once, as a CheckpointSaveError)."""
 
   def filter(self, record) -> bool:
-    if "/orbax/" not in record.pathname:
+    # asyncio reports orbax's failed write tasks again ("Task exception was never retrieved").
+    if "/orbax/" not in record.pathname and record.name != "asyncio":
       return True
     # levelno is a Python logging level; absl's logging.INFO is 0, not 20.
     if record.levelno <= logging.converter.STANDARD_INFO:
