@@ -29,10 +29,16 @@ flags.DEFINE_integer("distributed_timeout", 120,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _user_error(message: str) -> None:
-  """A mistake in the command, the setup or the config: the message, no traceback, status 2."""
+def _user_error(message: str, exit_at_once: bool = False) -> None:
+  """A mistake in the command, the setup or the config: the message, no traceback, status 2.
+
+  `exit_at_once` ends the process even from a thread other than the main one.
+  """
   logging.error("%s", message)
-  print(f"error: {message}", file=sys.stderr)
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if exit_at_once:
+    logging.flush()
+    os._exit(2)
   sys.exit(2)
 
 
@@ -102,9 +108,8 @@ def _join_within_timeout(initialize, failure: str) -> None:
 
   def watchdog():
     if not joined.wait(FLAGS.distributed_timeout):
-      logging.error("%s", failure)
-      print(f"error: {failure}", file=sys.stderr, flush=True)
-      os._exit(2)  # The main thread is blocked inside JAX; nothing else can end it.
+      # The main thread is blocked inside JAX; only an immediate exit can end it.
+      _user_error(failure, exit_at_once=True)
 
   threading.Thread(target=watchdog, daemon=True).start()
   initialize(initialization_timeout=FLAGS.distributed_timeout + 60)
@@ -157,10 +162,36 @@ class _QuietLibraries:
     return True
 
 
+def _quiet_closed_loop_errors(default_hook=sys.unraisablehook):
+  """An unraisable-exception hook that puts 'Event loop is closed' errors on one line.
+
+  After a failed save, tensorstore completes orbax's write futures on an event loop orbax has
+  already closed; each failed callback is reported as an unraisable exception with a full
+  traceback. The save failure itself is reported once, as a CheckpointSaveError. Every other
+  unraisable exception keeps its traceback.
+  """
+
+  reported = False
+
+  def hook(unraisable):
+    nonlocal reported
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      if not reported:
+        logging.warning("Ignoring 'Event loop is closed' errors in orbax's write callbacks "
+                        "(a save failed; it is reported as an error).")
+      reported = True
+      return
+    default_hook(unraisable)
+
+  return hook
+
+
 def main(argv):
   if len(argv) > 1:
     _user_error(f"unexpected arguments {argv[1:]}; flags take the form --name=value.")
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_closed_loop_errors()
   # Imported here so --help works without initialising JAX or TensorFlow.
   import jax
 

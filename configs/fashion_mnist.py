@@ -3,8 +3,9 @@
   python main.py --config=configs/fashion_mnist.py:conadv --workdir=/tmp/fmnist_conadv
 
 Presets: vanilla, disadv, conadv (default; τ = 1), conadv2 (τ = 2). Measured (README): ConAdv
-reached 87.87 % test top-1 (75.44 % under the training attack) in 13 min 28 s on a 2-core CPU that
-was also running other jobs; expect a little less time on an idle machine.
+reached 87.87 % test top-1 (75.44 % under the training attack, measured before the eval attack
+was keyed per example) in 13 min 28 s on a 2-core CPU that was also running other jobs; expect a
+little less time on an idle machine.
 """
 import ml_collections
 

@@ -401,10 +401,6 @@ def test_one_run_per_workdir_and_a_dead_run_s_lock_is_taken_over(tmp_path):
   assert not (workdir / "run.lock").exists()
 
 
-@pytest.mark.xfail(reason="Known gap: after the clean error line, orbax's background threads "
-                   "print 'Event loop is closed' tracebacks at interpreter shutdown, so the "
-                   "no-traceback assertion fails; exit status, message and checkpoints are right.",
-                   strict=False)
 def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(single_run, tmp_path):
   """A file-size limit makes the checkpoint's data file fail to write, as a full disk would."""
   workdir = tmp_path / "workdir"
