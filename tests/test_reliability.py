@@ -11,7 +11,6 @@ import os
 import pathlib
 import random
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -408,12 +407,15 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(single_r
   shutil.rmtree(workdir / "checkpoints" / "12")
   (workdir / "results.json").unlink()
   log = tmp_path / "main.log"
+  # The limit is set in the child itself (a preexec_fn would fork this multithreaded process).
+  limited = ("import os, resource, sys; "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
   with open(log, "w") as f:
     status = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}",
+        [sys.executable, "-c", limited, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}",
          "--config.num_train_steps=24"], cwd=REPO, env=cpu_env(4), stdout=f,
-        stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, check=False,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))).returncode
+        stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, check=False).returncode
   output = log.read_text()
   assert status == 2, output[-5000:]
   assert "error: Saving a checkpoint in" in output and "the last good checkpoint is step" in output
