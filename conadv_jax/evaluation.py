@@ -1,23 +1,37 @@
-"""Evaluation with the main BN: top-1/top-5, loss and accuracy under the training attack.
+"""Evaluation with the main BN: top-1/top-5, loss, accuracy under the training attack, and
+robust accuracy under a standard untargeted PGD.
 
 Batches carry a `mask`; padded examples count for nothing, so every example is scored exactly
 once whatever the number of hosts and devices. The step returns sums; the host divides once. The
-attack on an example is keyed by the example's index in the split, so adv_top1 does not depend on
-eval_batch_size either.
+attacks on an example are keyed by the example's index in the split, so adv_top1 and robust_top1
+do not depend on eval_batch_size either.
+
+Two adversarial numbers, for two questions:
+  adv_top1     the attack the model was trained against (by default one targeted step): how
+               well the training objective holds on unseen data;
+  robust_top1  untargeted L∞ PGD with `eval_pgd_steps` steps of 2.5·ε/steps from a random start
+               in the ε-ball (Madry et al.'s recipe): a model-independent yardstick, so methods
+               trained with different attacks (or none) are compared under the same threat.
 """
 from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from conadv_jax import attacks, losses
+from conadv_jax import attacks, input_pipeline, losses, parallel
 from conadv_jax.conadv import Batch, ForwardFn, MethodConfig, TrainState
 from conadv_jax.norm import MAIN
 
 # Folded into the state's key to give the root of the evaluation attacks; far from any training
 # batch index (the training attack on batch i uses fold_in(rng, i)).
 _EVAL_RNG_OFFSET = 2**30
+# The root of the robust (PGD) evaluation's random starts: another stream than the eval attack's.
+_ROBUST_RNG_OFFSET = 2**30 + 2**29
+# Madry et al.'s step rule: 2.5·ε/steps lets a walk reach the ε-ball's far side from the random
+# start with room to spare, whatever the number of steps.
+PGD_STEP_FACTOR = 2.5
 
 
 def example_indices(batch: Batch, batch_index: jax.Array) -> jax.Array:
@@ -48,13 +62,75 @@ def make_eval_attack(forward: ForwardFn, cfg: MethodConfig):
       logits = forward(state.params, state.batch_stats, images, train=False, branch=MAIN)[0]
       return losses.cross_entropy(logits, labels)
 
-    eval_rng = jax.random.fold_in(state.rng, _EVAL_RNG_OFFSET)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        eval_rng, example_indices(batch, batch_index))
+    keys = _example_keys(state, _EVAL_RNG_OFFSET, batch, batch_index)
     return attacks.pgd_linf(loss_fn, batch["image"], batch["label"], keys, cfg.attack,
                             cfg.num_classes, rng_per_example=True)
 
   return attack
+
+
+def _example_keys(state: TrainState, offset: int, batch: Batch,
+                  batch_index: jax.Array) -> jax.Array:
+  """One key per row, from (state.rng, offset, the row's index in the split) only."""
+  root = jax.random.fold_in(state.rng, offset)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, example_indices(batch, batch_index))
+
+
+def robust_attack_config(epsilon: float, num_steps: int) -> attacks.AttackConfig:
+  """Untargeted L∞ PGD: `num_steps` steps of 2.5·ε/steps, random start in the ε-ball always."""
+  return attacks.AttackConfig(epsilon=float(epsilon),
+                              step_size=PGD_STEP_FACTOR * float(epsilon) / num_steps,
+                              num_steps=int(num_steps), random_start_prob=1.0, targeted=False)
+
+
+def make_robust_attack(forward: ForwardFn, num_classes: int, pgd: attacks.AttackConfig):
+  """attack(state, batch, batch_index) -> PGD images against the deployed model (main BN).
+
+  Keyed per example like make_eval_attack, from its own stream of keys, so robust_top1 does not
+  depend on eval_batch_size, the device count or the padding.
+  """
+
+  def attack(state: TrainState, batch: Batch, batch_index: jax.Array) -> jax.Array:
+    def loss_fn(images, labels):
+      logits = forward(state.params, state.batch_stats, images, train=False, branch=MAIN)[0]
+      return losses.cross_entropy(logits, labels)
+
+    keys = _example_keys(state, _ROBUST_RNG_OFFSET, batch, batch_index)
+    return attacks.pgd_linf(loss_fn, batch["image"], batch["label"], keys, pgd, num_classes,
+                            rng_per_example=True)
+
+  return attack
+
+
+def make_robust_eval_step(forward: ForwardFn, num_classes: int, pgd: attacks.AttackConfig):
+  """robust_step(state, batch, batch_index) -> {"count", "robust_top1"}: masked sums.
+
+  A separate step (not a key of make_eval_step's) so that the periodic evals do not pay for
+  PGD's num_steps extra forward/backward passes; the final eval runs both.
+  """
+  attack = make_robust_attack(forward, num_classes, pgd)
+
+  def robust_step(state: TrainState, batch: Batch, batch_index: jax.Array):
+    mask = batch["mask"].astype(jnp.float32)
+    adv = attack(state, batch, batch_index)
+    logits = forward(state.params, state.batch_stats, adv, train=False, branch=MAIN)[0]
+    return {"count": mask.sum(),
+            "robust_top1": (losses.topk_correct(logits, batch["label"], 1) * mask).sum()}
+
+  return robust_step
+
+
+def robust_top1(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                mesh: jax.sharding.Mesh, forward: ForwardFn, state: TrainState) -> float | None:
+  """Top-1 on the whole eval split under config's PGD; None when eval_pgd_steps is 0 (off)."""
+  if not config.eval_pgd_steps:
+    return None
+  pgd = robust_attack_config(config.eval_pgd_epsilon, config.eval_pgd_steps)
+  step = jax.jit(make_robust_eval_step(forward, info.num_classes, pgd))
+  batches = input_pipeline.shard_and_prefetch(
+      input_pipeline.eval_batches(config, info), parallel.batch_sharding(mesh),
+      config.prefetch_to_device)
+  return evaluate(step, state, batches)["robust_top1"]
 
 
 def make_eval_step(forward: ForwardFn, cfg: MethodConfig, adversarial: bool):

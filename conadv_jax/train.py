@@ -302,6 +302,10 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
   eval_results = final.get("results") if final.get("step") == run.step else None
   if eval_results is None:  # Every process decides alike: the record is the checkpoint's.
     eval_results = evaluate(exp, run.state)
+    # PGD only here: periodic evals keep their cost; robust_top1 is a final-parameters number.
+    robust = evaluation.robust_top1(exp.config, exp.info, exp.mesh, exp.forward, run.state)
+    if robust is not None:
+      eval_results["robust_top1"] = robust
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
     run.record["final_eval"] = {"step": run.step, "results": eval_results}
   checkpointer.save(run.step, run.state, run.record, force=True)
@@ -312,7 +316,8 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
       "config_history": run.record["history"],
       "final_step": run.step,
       "eval": {k: eval_results.get(k) for k in ("top1", "top5", "loss", "adv_top1",
-                                                 "num_examples") if k in eval_results},
+                                                 "robust_top1", "num_examples")
+               if k in eval_results},
       "train": {"loss": train_summary.get("loss"), "top1": train_summary.get("clean_top1")},
       "wall_time_s": time.time() - start_time,
       "param_fingerprint": param_fingerprint(run.state.params),

@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.eval_adversarial = True  # Also report accuracy under the training attack.
+  # Final eval only: top-1 under untargeted L∞ PGD (random start, step 2.5·ε/steps, main BN),
+  # results.json's eval.robust_top1. ε on the 0-255 scale: 8 is the usual 8/255, just under the
+  # training attack's 9. 0 steps: off. Each step costs one forward/backward over the eval split.
+  config.eval_pgd_steps = 10
+  config.eval_pgd_epsilon = 8.0
   config.prefetch_to_device = 2
   # Largest adversarial FIFO per device, in GiB; 0: half the device's memory (unchecked on CPU).
   config.fifo_memory_limit_gib = 0.0
