@@ -211,3 +211,122 @@ def test_padding_rows_change_nothing(adversarial_eval):
           evaluation.evaluate(eval_step, state, zero_padded))
   np.testing.assert_array_equal(real_rows_adversarial(attack, state, junk_padded),
                                 real_rows_adversarial(attack, state, zero_padded))
+
+
+# --- robust_top1: untargeted PGD at the final parameters. ---
+
+LINEAR_SHAPE = (4, 4, 1)
+
+
+def linear_forward(params, batch_stats, images, *, train: bool, branch: str = "main"):
+  """Two classes, logits (0, w·x + b): the worst case in an L∞ ball is known in closed form."""
+  del train, branch
+  score = images.reshape(images.shape[0], -1).astype(jnp.float32) @ params["w"] + params["b"]
+  return jnp.stack([jnp.zeros_like(score), score], axis=-1), batch_stats
+
+
+def robust_eval(forward, state, batches, epsilon: float, num_steps: int = 10, num_classes=2):
+  pgd = evaluation.robust_attack_config(epsilon, num_steps)
+  step = jax.jit(evaluation.make_robust_eval_step(forward, num_classes, pgd),
+                 compiler_options=FAST_COMPILE)
+  return evaluation.evaluate(step, state, batches)
+
+
+def linear_case(seed: int = 0, num: int = 80):
+  """(state, batches, w, signed margins): labels and margins known exactly in numpy."""
+  rng = np.random.RandomState(seed)
+  dim = int(np.prod(LINEAR_SHAPE))
+  w = rng.choice([-1.0, 1.0], dim) * rng.uniform(0.01, 0.03, dim)
+  # Images near mid-grey: 128 + a·sign(w) + noise, so w·x − 128·Σw = a·‖w‖₁ + w·noise, and a
+  # ball of ε <= 20 around them stays inside [0, 255].
+  a = rng.uniform(-30, 30, num)
+  images = 128 + a[:, None] * np.sign(w) + rng.uniform(-10, 10, (num, dim))
+  score = images @ w - 128 * w.sum()
+  labels = rng.randint(0, 2, num)
+  margins = np.where(labels == 1, score, -score)  # > 0: correct.
+  params = {"w": jnp.asarray(w, jnp.float32), "b": jnp.float32(-128 * w.sum())}
+  state = make_state(params, {}, (8, *LINEAR_SHAPE))
+  batches = padded_batches(images.reshape(num, *LINEAR_SHAPE).astype(np.float32),
+                           labels.astype(np.int32), 8)
+  return state, batches, w, margins
+
+
+def test_pgd_reaches_the_linear_model_s_worst_case_so_robust_is_at_most_clean():
+  """For two classes and logits (0, w·x + b), the smallest margin within ε is margin − ε‖w‖₁
+  (pixels stay inside [0, 255] here), so robust top-1 is known exactly and PGD must find it."""
+  state, batches, w, margins = linear_case()
+  l1 = np.abs(w).sum()
+  clean = evaluation.evaluate(jax.jit(evaluation.make_eval_step(
+      linear_forward, conadv.MethodConfig(method="vanilla", num_classes=2), False)),
+      state, batches)["top1"]
+  assert clean == pytest.approx(np.mean(margins > 0))
+  previous = clean
+  for epsilon in (0.0, 2.0, 5.0, 10.0):
+    worst = margins - epsilon * l1
+    assert np.min(np.abs(worst)) > 1e-3, "a margin sits on the threshold; change the seed"
+    robust = robust_eval(linear_forward, state, batches, epsilon)["robust_top1"]
+    assert robust == pytest.approx(np.mean(worst > 0)), epsilon
+    assert robust <= previous <= clean
+    previous = robust
+  # The attack did bite: at ε = 10 the examples with margins below 10·‖w‖₁ fell.
+  assert previous < clean - 0.1
+
+
+def test_a_model_without_input_gradient_is_unaffected():
+  """PGD follows the input gradient; with none, only the random start moves the images."""
+  images, labels = eval_split()
+  batches = padded_batches(images, labels, 8)
+
+  def constant(params, batch_stats, x, *, train, branch="main"):
+    del train, branch  # Ignores its input: the same logits for every image.
+    return jnp.broadcast_to(params["logits"], (x.shape[0], 10)), batch_stats
+
+  def coarse(params, batch_stats, x, *, train, branch="main"):
+    """Class = brightness bin of 25.5 levels; no gradient flows back to the pixels."""
+    del params, train, branch
+    bins = jnp.floor(jax.lax.stop_gradient(x).mean(axis=(1, 2, 3)) / 25.5).astype(jnp.int32)
+    return jax.nn.one_hot(jnp.clip(bins, 0, 9), 10), batch_stats
+
+  logits = jnp.arange(10.0).at[3].set(20.0)  # Always class 3.
+  state = make_state({"logits": logits}, {}, (8, *ADV_IMAGE_SHAPE))
+  robust = robust_eval(constant, state, batches, 8.0, num_classes=10)["robust_top1"]
+  assert robust == np.mean(labels == 3) > 0
+  # Bin centres: the mean of noise within ±8 per pixel cannot leave a bin 25.5 wide.
+  flat = np.repeat(((labels + 0.5) * 25.5)[:, None], np.prod(ADV_IMAGE_SHAPE), axis=1)
+  centred = padded_batches(flat.reshape(-1, *ADV_IMAGE_SHAPE).astype(np.float32), labels, 8)
+  assert robust_eval(coarse, state, centred, 8.0, num_classes=10)["robust_top1"] == 1.0
+
+
+def test_robust_eval_does_not_depend_on_eval_batch_size(adversarial_eval):
+  state, _, _ = adversarial_eval
+  model = models.create_model("SmallResNet", num_classes=10, pixel_mean=(127.5,),
+                              pixel_std=(73.6,), small_resnet_depth=8, small_resnet_width=4)
+  forward = conadv.linen_forward(model)
+  pgd = evaluation.robust_attack_config(8.0, 3)
+  assert pgd.step_size == pytest.approx(2.5 * 8.0 / 3) and not pgd.targeted
+  step = jax.jit(evaluation.make_robust_eval_step(forward, 10, pgd),
+                 compiler_options=FAST_COMPILE)
+  attack = jax.jit(evaluation.make_robust_attack(forward, 10, pgd),
+                   compiler_options=FAST_COMPILE)
+  images, labels = eval_split()
+  robust, adversarial = {}, {}
+  for size in (4, 12):
+    batches = padded_batches(images, labels, size)
+    robust[size] = evaluation.evaluate(step, state, batches)
+    adversarial[size] = real_rows_adversarial(attack, state, batches)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  sharded = [jax.device_put(b, parallel.batch_sharding(mesh))
+             for b in padded_batches(images, labels, 12)]
+  replicated_state = jax.device_put(state, parallel.replicated(mesh))
+  robust["12 on 4 devices"] = evaluation.evaluate(step, replicated_state, sharded)
+  adversarial["12 on 4 devices"] = real_rows_adversarial(attack, replicated_state, sharded)
+  delta = np.abs(adversarial[4] - images)
+  assert delta.max() <= 8.0 + 1e-4 and np.mean(delta > 0) > 0.9  # Moved, within the ball.
+  for layout in (12, "12 on 4 devices"):
+    np.testing.assert_array_equal(adversarial[layout], adversarial[4], err_msg=str(layout))
+    assert robust[layout] == robust[4], layout
+  # Its own key stream: not the training attack's random starts.
+  _, _, train_attack = adversarial_eval
+  assert not np.array_equal(real_rows_adversarial(train_attack, state,
+                                                  padded_batches(images, labels, 4)),
+                            adversarial[4])
