@@ -361,10 +361,14 @@ def measure_eval(config, info) -> dict[str, Any]:
 
 
 def _git(*args: str) -> bytes | None:
-  """git's output in this script's checkout; None where that is no git checkout."""
+  """git's output in this script's checkout; None where that is no git checkout.
+
+  GIT_OPTIONAL_LOCKS=0: `git status` must not take index.lock in a checkout that others may be
+  committing in at the same moment. (GIT_DIR may point a copy of the tree at its repository.)
+  """
   try:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True,
-                          timeout=30).stdout
+                          timeout=30, env=dict(os.environ, GIT_OPTIONAL_LOCKS="0")).stdout
   except (OSError, subprocess.SubprocessError):
     return None
 
@@ -416,6 +420,8 @@ def _config(data_dir: str):
   config.batch_size = FLAGS.batch_size * FLAGS.process_count
   config.eval_batch_size = (FLAGS.eval_batch_size or FLAGS.batch_size) * FLAGS.process_count
   config.seed = FLAGS.seed
+  if "aug_branch" in config:  # The plain train run has no augmented view, whatever the preset.
+    config.aug_branch = "none"
   return config
 
 
