@@ -31,7 +31,10 @@ as the real imagenet2012, without needing the 150 GB original.
      stream over warmup + all repeats, as in training, so --steps * --repeats batches cross
      several epoch boundaries when steps_per_epoch = num_train // global batch is small.
      For eval, every pass builds its pipeline anew, so the first batch of each pass plays the
-     boundary's role (informational; the 1.5x target is for train).
+     boundary's role (informational; the 1.5x target is for train);
+   * the process CPU seconds spent during each fetch (`*_fetch_cpu_s`): on a shared machine
+     wall times stretch with other people's load, while the work done at a boundary
+     (building a pipeline, refilling a shuffle buffer) shows in CPU seconds all the same.
 
 JSON layout (`schema` "conadv_jax.benchmark_input/1"; keys are only ever added):
   {"schema", "command", "timestamp_utc",
@@ -49,8 +52,9 @@ JSON layout (`schema` "conadv_jax.benchmark_input/1"; keys are only ever added):
    "results": {NAME: {"pipeline", "images", "batches", "images_per_sec",
                       "images_per_sec_repeats", "cpu_sec_per_image",
                       "cpu_sec_per_image_repeats", "cpu_cores_busy", "median_fetch_s",
-                      "p90_fetch_s", "max_fetch_s", "boundary_steps", "boundary_fetch_s",
-                      "boundary_ratio", "meets_target", "batch"}},
+                      "p90_fetch_s", "max_fetch_s", "median_fetch_cpu_s", "boundary_steps",
+                      "boundary_fetch_s", "boundary_fetch_cpu_s", "boundary_ratio",
+                      "meets_target", "batch"}},
    "skipped": {NAME: reason}}
 NAME is "train", "eval" and "train_aug" (the augmented branch). `images` counts real images
 (eval: mask 1) over all timed repeats; `batch` maps each key of a batch to [shape, dtype].
@@ -61,6 +65,7 @@ Example (the run in docs/performance.md):
   python scripts/benchmark_input.py --num_train=512 --num_eval=256 --batch_size=32 \
       --steps=64 --repeats=3 --out=docs/bench_input.json
 """
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -74,12 +79,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -91,6 +97,7 @@ from conadv_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wro
 
 SCHEMA = "conadv_jax.benchmark_input/1"
 MARKER = "conadv_benchmark_input.json"  # In the prepared folder: what this script wrote there.
+Batch = dict[str, np.ndarray]
 BOUNDARY_TARGET = 1.5  # Boundary batch fetch time / median fetch time (issue 9).
 JPEG_QUALITY = 90
 
@@ -261,99 +268,124 @@ def _cpu_s() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def _batch_layout(batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+def _batch_layout(batch: Batch) -> dict[str, list[Any]]:
   return {key: [list(value.shape), str(value.dtype)] for key, value in sorted(batch.items())}
 
 
-def _num_real(batch: dict[str, np.ndarray]) -> int:
+def _num_real(batch: Batch) -> int:
   """Real (unpadded) images of a batch: its mask's sum if it has one."""
   if "mask" in batch:
-    return int(round(float(np.sum(batch["mask"]))))
+    return round(float(np.sum(batch["mask"])))
   return len(batch["label"])
 
 
-def _summary(name: str, repeat_images: list[int], repeat_wall: list[float],
-             repeat_cpu: list[float], fetch_s: list[float], boundary_steps: list[int],
-             boundary_fetch_s: list[float], layout: dict[str, list[Any]],
-             has_target: bool) -> dict[str, Any]:
-  """One pipeline's result entry (see the module docstring for the layout)."""
-  median_fetch = statistics.median(fetch_s)
-  ratio = max(boundary_fetch_s) / median_fetch if boundary_fetch_s and median_fetch > 0 else None
-  return {
-      "pipeline": name,
-      "images": sum(repeat_images),
-      "batches": len(fetch_s),
-      "images_per_sec": statistics.median(n / w for n, w in zip(repeat_images, repeat_wall)),
-      "images_per_sec_repeats": [n / w for n, w in zip(repeat_images, repeat_wall)],
-      "cpu_sec_per_image": statistics.median(c / n for n, c in zip(repeat_images, repeat_cpu)),
-      "cpu_sec_per_image_repeats": [c / n for n, c in zip(repeat_images, repeat_cpu)],
-      "cpu_cores_busy": sum(repeat_cpu) / sum(repeat_wall),
-      "median_fetch_s": median_fetch,
-      "p90_fetch_s": float(np.percentile(fetch_s, 90)),
-      "max_fetch_s": max(fetch_s),
-      "boundary_steps": boundary_steps,
-      "boundary_fetch_s": boundary_fetch_s,
-      "boundary_ratio": ratio,
-      "meets_target": (ratio <= BOUNDARY_TARGET) if has_target and ratio is not None else None,
-      "batch": layout,
-  }
+@dataclasses.dataclass
+class _Timings:
+  """What one pipeline's timed repeats measured (per repeat, per fetch, per boundary)."""
+  repeat_images: list[int] = dataclasses.field(default_factory=list)
+  repeat_wall_s: list[float] = dataclasses.field(default_factory=list)
+  repeat_cpu_s: list[float] = dataclasses.field(default_factory=list)
+  fetch_s: list[float] = dataclasses.field(default_factory=list)
+  fetch_cpu_s: list[float] = dataclasses.field(default_factory=list)
+  boundary_steps: list[int] = dataclasses.field(default_factory=list)
+  boundary_fetch_s: list[float] = dataclasses.field(default_factory=list)
+  boundary_fetch_cpu_s: list[float] = dataclasses.field(default_factory=list)
+
+  def fetch(self, batches: Iterator[Batch], boundary: int | None) -> Batch:
+    """next(batches), timed in wall and process CPU seconds; `boundary`: its step, if one."""
+    cpu_start, start = _cpu_s(), time.perf_counter()
+    batch = next(batches)
+    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
+    self.fetch_s.append(elapsed)
+    self.fetch_cpu_s.append(cpu)
+    if boundary is not None:
+      self.boundary_steps.append(boundary)
+      self.boundary_fetch_s.append(elapsed)
+      self.boundary_fetch_cpu_s.append(cpu)
+    return batch
+
+  def summary(self, name: str, layout: dict[str, list[Any]], has_target: bool) -> dict[str, Any]:
+    """One pipeline's result entry (see the module docstring for the layout)."""
+    rates = [n / w for n, w in zip(self.repeat_images, self.repeat_wall_s)]
+    costs = [c / n for n, c in zip(self.repeat_images, self.repeat_cpu_s)]
+    median_fetch = statistics.median(self.fetch_s)
+    ratio = (max(self.boundary_fetch_s) / median_fetch
+             if self.boundary_fetch_s and median_fetch > 0 else None)
+    return {
+        "pipeline": name,
+        "images": sum(self.repeat_images),
+        "batches": len(self.fetch_s),
+        "images_per_sec": statistics.median(rates),
+        "images_per_sec_repeats": rates,
+        "cpu_sec_per_image": statistics.median(costs),
+        "cpu_sec_per_image_repeats": costs,
+        "cpu_cores_busy": sum(self.repeat_cpu_s) / sum(self.repeat_wall_s),
+        "median_fetch_s": median_fetch,
+        "p90_fetch_s": float(np.percentile(self.fetch_s, 90)),
+        "max_fetch_s": max(self.fetch_s),
+        "median_fetch_cpu_s": statistics.median(self.fetch_cpu_s),
+        "boundary_steps": self.boundary_steps,
+        "boundary_fetch_s": self.boundary_fetch_s,
+        "boundary_fetch_cpu_s": self.boundary_fetch_cpu_s,
+        "boundary_ratio": ratio,
+        "meets_target": (ratio <= BOUNDARY_TARGET) if has_target and ratio is not None else None,
+        "batch": layout,
+    }
 
 
-def measure_train(name: str, config, info, steps_per_epoch: int) -> dict[str, Any]:
+def measure_train(name: str, config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                  steps_per_epoch: int) -> dict[str, Any]:
   """Times one continuous train stream: --warmup batches, then --repeats x --steps batches."""
-  batches: Iterator[dict[str, np.ndarray]] = input_pipeline.train_batches(
-      config, info, start_step=0, process_index=FLAGS.process_index,
-      process_count=FLAGS.process_count)
+  batches = input_pipeline.train_batches(config, info, start_step=0,
+                                         process_index=FLAGS.process_index,
+                                         process_count=FLAGS.process_count)
+  timings = _Timings()
   for _ in range(FLAGS.warmup):
-    layout = _batch_layout(next(batches))
+    batch = next(batches)
   step = FLAGS.warmup
-  repeat_images, repeat_wall, repeat_cpu, fetch_s = [], [], [], []
-  boundary_steps, boundary_fetch_s = [], []
   for _ in range(FLAGS.repeats):
     images = 0
     cpu_start, wall_start = _cpu_s(), time.perf_counter()
     for _ in range(FLAGS.steps):
-      start = time.perf_counter()
-      batch = next(batches)
-      elapsed = time.perf_counter() - start
-      fetch_s.append(elapsed)
+      new_epoch = step > 0 and step % steps_per_epoch == 0
+      batch = timings.fetch(batches, step if new_epoch else None)
       images += len(batch["label"])
-      if step % steps_per_epoch == 0 and step > 0:  # First batch of a new epoch.
-        boundary_steps.append(step)
-        boundary_fetch_s.append(elapsed)
       step += 1
-    repeat_wall.append(time.perf_counter() - wall_start)
-    repeat_cpu.append(_cpu_s() - cpu_start)
-    repeat_images.append(images)
-  if FLAGS.warmup == 0:
-    layout = _batch_layout(batch)
-  return _summary(name, repeat_images, repeat_wall, repeat_cpu, fetch_s, boundary_steps,
-                  boundary_fetch_s, layout, has_target=True)
+    timings.repeat_wall_s.append(time.perf_counter() - wall_start)
+    timings.repeat_cpu_s.append(_cpu_s() - cpu_start)
+    timings.repeat_images.append(images)
+  return timings.summary(name, _batch_layout(batch), has_target=True)
 
 
-def measure_eval(config, info) -> dict[str, Any]:
+def measure_eval(config: ml_collections.ConfigDict,
+                 info: input_pipeline.DatasetInfo) -> dict[str, Any]:
   """Times one untimed and then --repeats full eval passes, each built anew as in training."""
-  repeat_images, repeat_wall, repeat_cpu, fetch_s, first_fetch_s = [], [], [], [], []
-  for repeat in range(-1, FLAGS.repeats):  # -1: warm-up pass.
-    images, times = 0, []
+  timings, untimed = _Timings(), _Timings()
+  for repeat in range(-1, FLAGS.repeats):  # -1: the warm-up pass.
+    record = untimed if repeat < 0 else timings
+    images = 0
     cpu_start, wall_start = _cpu_s(), time.perf_counter()
-    start = wall_start
-    batches = input_pipeline.eval_batches(config, info, process_index=FLAGS.process_index,
-                                          process_count=FLAGS.process_count)
-    for batch in batches:
-      times.append(time.perf_counter() - start)  # The first includes building the pipeline.
+    # Built lazily inside the first fetch, so that building counts as the pass's boundary.
+    batches = _lazy(lambda: input_pipeline.eval_batches(
+        config, info, process_index=FLAGS.process_index, process_count=FLAGS.process_count))
+    boundary = repeat
+    while True:
+      try:
+        batch = record.fetch(batches, boundary)
+      except StopIteration:  # Raised before `fetch` records anything.
+        break
+      boundary = None
       images += _num_real(batch)
       layout = _batch_layout(batch)
-      start = time.perf_counter()
-    if repeat < 0:
-      continue
-    repeat_wall.append(time.perf_counter() - wall_start)
-    repeat_cpu.append(_cpu_s() - cpu_start)
-    repeat_images.append(images)
-    fetch_s.extend(times)
-    first_fetch_s.append(times[0])
-  return _summary("eval", repeat_images, repeat_wall, repeat_cpu, fetch_s,
-                  list(range(FLAGS.repeats)), first_fetch_s, layout, has_target=False)
+    record.repeat_wall_s.append(time.perf_counter() - wall_start)
+    record.repeat_cpu_s.append(_cpu_s() - cpu_start)
+    record.repeat_images.append(images)
+  return timings.summary("eval", layout, has_target=False)
+
+
+def _lazy(make: Callable[[], Iterator[Batch]]) -> Iterator[Batch]:
+  """An iterator that calls make() at its first next(): pipeline building is timed as a fetch."""
+  yield from make()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,7 +444,7 @@ def _machine_info() -> dict[str, Any]:
           "tensorflow_datasets": tfds.__version__, "jax": jax.__version__}
 
 
-def _config(data_dir: str):
+def _config(data_dir: str) -> ml_collections.ConfigDict:
   """The preset's config with only data_dir, seed and the batch sizes changed."""
   config = imagenet_resnet50.get_config(FLAGS.preset)
   config.data_dir = data_dir
@@ -464,7 +496,7 @@ def main(argv: Sequence[str]) -> None:
   report = {
       "schema": SCHEMA,
       "command": " ".join(["python", "scripts/benchmark_input.py", *sys.argv[1:]]),
-      "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+      "timestamp_utc": datetime.datetime.now(datetime.UTC).isoformat(
           timespec="seconds"),
       "machine": machine,
       "code": _code_info(),
@@ -486,12 +518,14 @@ def main(argv: Sequence[str]) -> None:
         f"{steps_per_epoch} steps/epoch, {FLAGS.repeats} repeats; load "
         f"{loadavg_before[0]:.1f} -> {machine['loadavg_after'][0]:.1f}")
   print(f"{'pipeline':<10} {'images/s':>9} {'CPU ms/img':>10} {'median s':>9} "
-        f"{'boundary s (max)':>16} {'ratio':>6}")
+        f"{'boundary s (max)':>16} {'ratio':>6} {'median CPU s':>12} {'boundary CPU s':>14}")
   for name, r in results.items():
     worst = f"{max(r['boundary_fetch_s']):.4f}" if r["boundary_fetch_s"] else "-"
+    worst_cpu = f"{max(r['boundary_fetch_cpu_s']):.4f}" if r["boundary_fetch_cpu_s"] else "-"
     ratio = f"{r['boundary_ratio']:.2f}" if r["boundary_ratio"] is not None else "-"
     print(f"{name:<10} {r['images_per_sec']:>9.1f} {1e3 * r['cpu_sec_per_image']:>10.2f} "
-          f"{r['median_fetch_s']:>9.4f} {worst:>16} {ratio:>6}")
+          f"{r['median_fetch_s']:>9.4f} {worst:>16} {ratio:>6} "
+          f"{r['median_fetch_cpu_s']:>12.4f} {worst_cpu:>14}")
   for name, reason in skipped.items():
     print(f"{name}: skipped ({reason})")
   if FLAGS.out:

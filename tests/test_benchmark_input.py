@@ -21,8 +21,9 @@ NUM_TRAIN, NUM_EVAL, BATCH, STEPS, WARMUP = 24, 10, 4, 8, 2  # 6 steps per epoch
 WIDTHS, HEIGHTS = (40, 60), (30, 50)
 RESULT_KEYS = {"pipeline", "images", "batches", "images_per_sec", "images_per_sec_repeats",
                "cpu_sec_per_image", "cpu_sec_per_image_repeats", "cpu_cores_busy",
-               "median_fetch_s", "p90_fetch_s", "max_fetch_s", "boundary_steps",
-               "boundary_fetch_s", "boundary_ratio", "meets_target", "batch"}
+               "median_fetch_s", "p90_fetch_s", "max_fetch_s", "median_fetch_cpu_s",
+               "boundary_steps", "boundary_fetch_s", "boundary_fetch_cpu_s", "boundary_ratio",
+               "meets_target", "batch"}
 
 
 def _run(data_dir: pathlib.Path, out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
@@ -75,6 +76,9 @@ def test_report_layout_and_counts(run):
     assert result["median_fetch_s"] <= result["p90_fetch_s"] <= result["max_fetch_s"]
     assert len(result["images_per_sec_repeats"]) == len(result["cpu_sec_per_image_repeats"]) == 1
     assert result["images_per_sec"] == result["images_per_sec_repeats"][0]
+    assert len(result["boundary_fetch_cpu_s"]) == len(result["boundary_fetch_s"])
+    assert result["median_fetch_cpu_s"] >= 0
+    assert all(t >= 0 for t in result["boundary_fetch_cpu_s"])
     assert result["boundary_ratio"] == pytest.approx(
         max(result["boundary_fetch_s"]) / result["median_fetch_s"])
     assert result["batch"]["label"] == [[BATCH], "int32"]
