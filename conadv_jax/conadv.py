@@ -2,7 +2,8 @@
 
 At step t, reading only θ_t:
   task A: the weight gradient on clean batch t (main BN) plus the adversarial version of batch t
-          that was made τ steps earlier (adversarial BN);
+          that was made τ steps earlier (adversarial BN), and the batch's AutoAugment view (aug BN)
+          when the recipe has one;
   task B: the adversarial version of batch t+τ, kept in a FIFO until step t+τ.
 Neither task reads the other's output, so XLA can run them side by side: the critical path of a
 step is one forward/backward instead of two.
@@ -10,8 +11,15 @@ step is one forward/backward instead of two.
 The FIFO holds τ adversarial batches as a ring buffer: slot t mod τ holds batch t's. Batch t+τ
 goes into the very slot batch t leaves, since t+τ ≡ t (mod τ). With τ = 0 there is no FIFO and
 the attack on batch t feeds the gradient directly: that is DisAdv, two sequential passes.
-Vanilla skips the attack. Randomness comes from (seed, batch index), so runs are reproducible
-and resumable.
+Vanilla skips the attack. The FIFO stores 8-bit images (the attack's output rounded, as every
+method's is) with the labels they were attacked for, so task A never pairs them with another
+batch's labels. Randomness comes from (seed, batch index, row), so runs are reproducible and
+resumable, and do not depend on the device count or on gradient accumulation.
+
+With grad_accum_steps = k, each global batch is k micro-batches (the i-th chunk of every
+device's rows), processed one after another in a lax.scan: task B attacks micro-batch i of batch
+t+τ and task A takes the gradient on micro-batch i of batch t; the gradients, metrics and BN
+running averages are averaged and θ is updated once.
 """
 import dataclasses
 from collections.abc import Callable
@@ -24,17 +32,25 @@ from flax import struct
 
 from conadv_jax import attacks
 from conadv_jax import losses
-from conadv_jax.norm import ADV, MAIN
+from conadv_jax.norm import ADV, AUG, MAIN
 
 METHODS = ("vanilla", "disadv", "conadv")
-Batch = dict[str, jax.Array]  # "image": [B, H, W, C] pixels 0-255, "label": [B] int.
+LOSS_WEIGHTINGS = ("sum", "mean")  # Branch losses summed (Algorithm 1) or averaged (reference).
+# "image": [B, H, W, C] pixels 0-255 (uint8 or float), "label": [B] int, and with an augmented
+# view "aug_image" like "image".
+Batch = dict[str, jax.Array]
 # forward(params, batch_stats, images, train=..., branch=...) -> (logits, new batch_stats).
 ForwardFn = Callable[..., tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-  """What the step computes; `staleness` is τ (ConAdv only)."""
+  """What the step computes; `staleness` is τ (ConAdv only).
+
+  `aug_view`: batches carry "aug_image", trained through the "aug" BN with weight 1.
+  `loss_weighting`: "sum" adds the weighted branch losses (Algorithm 1); "mean" divides that sum
+  by the number of branches, as the reference's one concatenated batch does.
+  """
   method: str
   num_classes: int
   staleness: int = 0
@@ -42,6 +58,9 @@ class MethodConfig:
   clean_weight: float = 1.0
   adv_weight: float = 1.0
   label_smoothing: float = 0.0
+  aug_view: bool = False
+  loss_weighting: str = "sum"
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -49,6 +68,15 @@ class MethodConfig:
     if self.staleness < 0 or (self.staleness > 0) != (self.method == "conadv"):
       raise ValueError(f"staleness={self.staleness} with method={self.method!r}: conadv needs "
                        "staleness >= 1; vanilla and disadv need 0.")
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f"loss_weighting={self.loss_weighting!r}: choose one of "
+                       f"{LOSS_WEIGHTINGS}.")
+    if self.grad_accum_steps < 1:
+      raise ValueError(f"grad_accum_steps={self.grad_accum_steps}: it must be >= 1.")
+
+  @property
+  def adversarial(self) -> bool:
+    return self.method != "vanilla"
 
 
 class TrainState(struct.PyTreeNode):
@@ -57,17 +85,21 @@ class TrainState(struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: optax.OptState
-  # [τ, B, H, W, C]: slot i holds the adversarial batch of a step ≡ i mod τ; None when τ = 0.
-  adv_fifo: jax.Array | None
+  # {"image": [τ, B, H, W, C] uint8, "label": [τ, B] int32}: slot i holds the adversarial batch
+  # of a step ≡ i mod τ and its labels; None when τ = 0.
+  adv_fifo: Batch | None
   rng: jax.Array  # Root key of the attacks; the attack on batch i uses fold_in(rng, i).
 
   @classmethod
   def create(cls, *, params, batch_stats, tx: optax.GradientTransformation, staleness: int,
              batch_shape: tuple[int, ...], rng: jax.Array) -> "TrainState":
     """A step-0 state; `batch_shape` is one global batch of images, (B, H, W, C)."""
+    fifo = None
+    if staleness:
+      fifo = {"image": jnp.zeros((staleness, *batch_shape), jnp.uint8),
+              "label": jnp.zeros((staleness, batch_shape[0]), jnp.int32)}
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(params), rng=rng,
-               adv_fifo=jnp.zeros((staleness, *batch_shape), jnp.float32) if staleness else None)
+               opt_state=tx.init(params), rng=rng, adv_fifo=fifo)
 
 
 def linen_forward(module, has_branches: bool = True) -> ForwardFn:
@@ -76,6 +108,7 @@ def linen_forward(module, has_branches: bool = True) -> ForwardFn:
   def forward(params, batch_stats, images, *, train: bool, branch: str = MAIN):
     variables = {"params": params, "batch_stats": batch_stats}
     kwargs = {"branch": branch} if has_branches else {}
+    images = images.astype(jnp.float32)  # uint8 from the host; the model normalises.
     if not train:
       return module.apply(variables, images, train=False, **kwargs), batch_stats
     logits, updated = module.apply(variables, images, train=True, mutable=["batch_stats"],
@@ -85,66 +118,142 @@ def linen_forward(module, has_branches: bool = True) -> ForwardFn:
   return forward
 
 
-def fifo_pop_push(fifo: jax.Array | None, step: jax.Array,
-                  newest: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-  """Returns (batch `step`'s adversarial examples, the FIFO holding `newest` in their place)."""
-  if fifo is None:  # τ = 0 (DisAdv): nothing is pending; use the fresh attack.
-    return newest, fifo
-  slot = step % fifo.shape[0]
-  return fifo[slot], fifo.at[slot].set(newest)
+def split_micro(x: jax.Array, k: int, num_shards: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]: micro-batch i is the i-th chunk of each of the shards' rows.
+
+  Taking a chunk from every shard keeps each micro-batch spread over all devices, and a BN group
+  that divides the chunk is a group of the whole batch too.
+  """
+  if k == 1:
+    return x[None]
+  x = x.reshape(num_shards, k, x.shape[0] // (num_shards * k), *x.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape(k, -1, *x.shape[3:])
+
+
+def merge_micro(x: jax.Array, num_shards: int) -> jax.Array:
+  """The inverse of split_micro."""
+  k = x.shape[0]
+  if k == 1:
+    return x[0]
+  x = x.reshape(k, num_shards, x.shape[1] // num_shards, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
+
+
+def scan_micro(fn: Callable, micro: Any) -> tuple[Any, Any]:
+  """Runs fn over the micro-batches of `micro` (leading axis k) one after another.
+
+  fn(micro_batch) -> (summed, stacked): returns (the sum of `summed` over micro-batches, the
+  `stacked` outputs on a leading axis k). Summing in the loop's carry keeps one gradient in
+  memory whatever k is.
+  """
+  first = jax.tree.map(lambda x: x[0], micro)
+  if jax.tree.leaves(micro)[0].shape[0] == 1:
+    # No loop for one micro-batch: XLA:CPU gives convolutions inside loops slow layouts.
+    summed, stacked = fn(first)
+    return summed, jax.tree.map(lambda x: x[None], stacked)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, first)[0])
+
+  def body(total, micro_batch):
+    summed, stacked = fn(micro_batch)
+    return jax.tree.map(jnp.add, total, summed), stacked
+
+  return jax.lax.scan(body, zeros, micro)
 
 
 def make_attack_fn(forward: ForwardFn, cfg: MethodConfig):
-  """attack(params, batch_stats, rng, batch, batch_index) -> adversarial images.
+  """attack(params, batch_stats, rng, batch, batch_index, rows) -> adversarial batch.
 
-  The attack sees the adversarial BN with the attacked batch's own statistics; the running
-  averages that forward pass computes are dropped, so the attack changes no state.
+  Returns {"image": uint8 adversarial images, "label": the labels they were made for}. The
+  attack sees the adversarial BN with the attacked (micro-)batch's own statistics; the running
+  averages that forward pass computes are dropped, so the attack changes no state. Example
+  `rows[j]` (its row in the global batch) is keyed by (rng, batch_index, rows[j]); with
+  random_start="per_batch" the whole batch shares one coin from (rng, batch_index).
   """
 
-  def attack(params, batch_stats, rng, batch: Batch, batch_index) -> jax.Array:
+  def attack(params, batch_stats, rng, batch: Batch, batch_index, rows) -> Batch:
     def per_example_loss(images, labels):
       logits, _ = forward(params, batch_stats, images, train=True, branch=ADV)
       return losses.cross_entropy(logits, labels)
 
-    return attacks.pgd_linf(per_example_loss, batch["image"], batch["label"],
-                            jax.random.fold_in(rng, batch_index), cfg.attack, cfg.num_classes)
+    coin_key, example_root = jax.random.split(jax.random.fold_in(rng, batch_index))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, rows)
+    coin = (attacks.start_coin(coin_key, cfg.attack)
+            if cfg.attack.random_start == "per_batch" else None)
+    adv = attacks.pgd_linf(per_example_loss, batch["image"], batch["label"], keys, cfg.attack,
+                           cfg.num_classes, rng_per_example=True, batch_coin=coin)
+    return {"image": attacks.quantize(adv, batch["image"], cfg.attack.epsilon),
+            "label": batch["label"].astype(jnp.int32)}
 
   return attack
 
 
-def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: MethodConfig,
-                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None):
-  """train_step(state, batch_t, batch_ahead) -> (state, metrics); batch_ahead is batch t+τ.
+def make_loss_fn(forward: ForwardFn, cfg: MethodConfig):
+  """loss(params, batch_stats, batch, adv) -> (loss, (batch_stats, metrics)): task A's loss."""
 
-  For τ = 0 (vanilla, DisAdv) pass batch t as batch_ahead.
-  """
-  attack = make_attack_fn(forward, cfg)
-
-  def loss_fn(params, batch_stats, batch: Batch, adv_images: jax.Array | None):
-    def branch_loss(images, stats, branch):
-      logits, stats = forward(params, stats, images, train=True, branch=branch)
-      per_example = losses.cross_entropy(logits, batch["label"], cfg.label_smoothing)
-      return per_example.mean(), losses.topk_correct(logits, batch["label"]).mean(), stats
-
-    clean_loss, clean_top1, batch_stats = branch_loss(batch["image"], batch_stats, MAIN)
-    metrics = {"clean_loss": clean_loss, "clean_top1": clean_top1}
-    loss = cfg.clean_weight * clean_loss
-    if adv_images is not None:
-      adv_loss, adv_top1, batch_stats = branch_loss(adv_images, batch_stats, ADV)
-      metrics |= {"adv_loss": adv_loss, "adv_top1": adv_top1}
-      loss += cfg.adv_weight * adv_loss
+  def loss_fn(params, batch_stats, batch: Batch, adv: Batch | None):
+    branches = [("clean", MAIN, batch["image"], batch["label"], cfg.clean_weight)]
+    if adv is not None:
+      branches.append(("adv", ADV, adv["image"], adv["label"], cfg.adv_weight))
+    if cfg.aug_view:
+      branches.append(("aug", AUG, batch["aug_image"], batch["label"], 1.0))
+    loss, metrics = 0.0, {}
+    for name, branch, images, labels, weight in branches:
+      logits, batch_stats = forward(params, batch_stats, images, train=True, branch=branch)
+      branch_loss = losses.cross_entropy(logits, labels, cfg.label_smoothing).mean()
+      metrics |= {f"{name}_loss": branch_loss,
+                  f"{name}_top1": losses.topk_correct(logits, labels).mean()}
+      loss += weight * branch_loss
+    if cfg.loss_weighting == "mean":
+      loss /= len(branches)
     return loss, (batch_stats, metrics | {"loss": loss})
 
-  def train_step(state: TrainState, batch: Batch, batch_ahead: Batch):
-    adv_images, adv_fifo = None, state.adv_fifo
-    if cfg.method != "vanilla":
+  return loss_fn
+
+
+def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: MethodConfig,
+                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None, *,
+                    num_shards: int = 1):
+  """train_step(state, batch_t, batch_ahead) -> (state, metrics); batch_ahead is batch t+τ.
+
+  For τ = 0 (vanilla, DisAdv) pass batch t as batch_ahead. `num_shards` is the number of
+  devices the batch is split over (only gradient accumulation needs it).
+  """
+  attack = make_attack_fn(forward, cfg)
+  loss_fn = make_loss_fn(forward, cfg)
+  k = cfg.grad_accum_steps
+
+  def micro_step(state: TrainState, batch: Batch, ahead: Batch, pending: Batch | None, rows):
+    """Tasks A and B on one micro-batch: ((gradients, BN statistics, metrics), new adv batch)."""
+    new_adv = None
+    if cfg.adversarial:
       # Task B: adversarial examples for batch t+τ with θ_t.
-      ahead_adv = attack(state.params, state.batch_stats, state.rng, batch_ahead,
-                         state.step + cfg.staleness)
-      adv_images, adv_fifo = fifo_pop_push(state.adv_fifo, state.step, ahead_adv)
+      new_adv = attack(state.params, state.batch_stats, state.rng, ahead,
+                       state.step + cfg.staleness, rows)
     # Task A: gradient with θ_t on batch t and its adversarial version made at step t−τ.
+    adv = new_adv if cfg.staleness == 0 else pending
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, adv_images)
+        state.params, state.batch_stats, batch, adv)
+    if k > 1:  # Average the running averages' changes: a branch left alone stays bit-exact.
+      batch_stats = jax.tree.map(jnp.subtract, batch_stats, state.batch_stats)
+    return (grads, batch_stats, metrics), new_adv
+
+  def train_step(state: TrainState, batch: Batch, batch_ahead: Batch):
+    pending = None
+    if state.adv_fifo is not None:
+      pending = jax.tree.map(lambda f: f[state.step % cfg.staleness], state.adv_fifo)
+    rows = jnp.arange(batch["label"].shape[0], dtype=jnp.int32)
+    split = lambda tree: jax.tree.map(lambda x: split_micro(x, k, num_shards), tree)
+    micro = (split(batch), split(batch_ahead), split(pending), split(rows))
+    summed, new_adv = scan_micro(lambda xs: micro_step(state, *xs), micro)
+    # Equal micro-batches: the means of their means are the whole batch's means.
+    grads, batch_stats, metrics = jax.tree.map(lambda x: x / k, summed)
+    if k > 1:
+      batch_stats = jax.tree.map(jnp.add, state.batch_stats, batch_stats)
+    adv_fifo = state.adv_fifo
+    if adv_fifo is not None:
+      new_adv = jax.tree.map(lambda x: merge_micro(x, num_shards), new_adv)
+      adv_fifo = jax.tree.map(lambda f, n: f.at[state.step % cfg.staleness].set(n), adv_fifo,
+                              new_adv)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics |= {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
@@ -157,17 +266,24 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: M
   return train_step
 
 
-def make_fill_fifo(forward: ForwardFn, cfg: MethodConfig):
+def make_fill_fifo(forward: ForwardFn, cfg: MethodConfig, *, num_shards: int = 1):
   """fill_slot(state, batch, offset) -> state whose FIFO holds the attack on batch step+offset.
 
   Before the first step of a fresh run the FIFO must hold attacks on batches 0..τ-1; calling
-  this for offsets 0..τ-1 fills it with θ_0, one compiled program whatever τ is.
+  this for offsets 0..τ-1 fills it with θ_0, one compiled program whatever τ is. With gradient
+  accumulation the attack runs micro-batch by micro-batch, as in the step.
   """
   attack = make_attack_fn(forward, cfg)
+  k = cfg.grad_accum_steps
 
   def fill_slot(state: TrainState, batch: Batch, offset: jax.Array) -> TrainState:
     index = state.step + offset
-    adv = attack(state.params, state.batch_stats, state.rng, batch, index)
-    return state.replace(adv_fifo=state.adv_fifo.at[index % cfg.staleness].set(adv))
+    rows = jnp.arange(batch["label"].shape[0], dtype=jnp.int32)
+    micro = jax.tree.map(lambda x: split_micro(x, k, num_shards), (batch, rows))
+    _, adv = scan_micro(lambda xs: ((), attack(state.params, state.batch_stats, state.rng, xs[0],
+                                               index, xs[1])), micro)
+    adv = jax.tree.map(lambda x: merge_micro(x, num_shards), adv)
+    return state.replace(adv_fifo=jax.tree.map(lambda f, a: f.at[index % cfg.staleness].set(a),
+                                               state.adv_fifo, adv))
 
   return fill_slot

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from conadv_jax import config_history, conadv, datasets, errors, models, optim
+from conadv_jax import attacks, config_history, conadv, datasets, errors, models, optim
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -53,6 +53,11 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "cache": (_BOOL, _ANY),
     "shuffle_buffer_size": (_INT, _at_least(1)),
     "augment": (_BOOL, _ANY),
+    "aug_branch": (_STR, _one_of(datasets.AUG_BRANCHES)),
+    "randaugment_num_layers": (_INT, _at_least(0)),
+    "randaugment_magnitude": (_FLOAT, (
+        (lambda v: 0 <= v <= datasets.RANDAUGMENT_MAX_MAGNITUDE),
+        f"it must be in [0, {datasets.RANDAUGMENT_MAX_MAGNITUDE:g}]")),
     "eval_batch_size": (_INT, _at_least(1)),
     "synthetic_num_examples": (_INT, _at_least(1)),
     "synthetic_num_classes": (_INT, _at_least(2)),
@@ -63,6 +68,7 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "bn_group_size": (_INT + (type(None),),
                       ((lambda v: v is None or v >= 0), "it must be >= 0 (0: per device)")),
     "adv_bn": (_STR, _one_of(models.ADV_BN_MODES)),
+    "model_init": (_STR, _one_of(models.MODEL_INITS)),
     "method": (_STR, _one_of(conadv.METHODS)),
     "staleness": (_INT, _at_least(0)),
     "clean_weight": (_FLOAT, _at_least(0)),
@@ -74,6 +80,9 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "attack.random_start_prob": (_FLOAT, ((lambda v: 0.0 <= v <= 1.0),
                                           "it is a probability, in [0, 1]")),
     "attack.targeted": (_BOOL, _ANY),
+    "attack.random_start": (_STR, _one_of(attacks.RANDOM_STARTS)),
+    "loss_weighting": (_STR, _one_of(conadv.LOSS_WEIGHTINGS)),
+    "grad_accum_steps": (_INT, _at_least(1)),
     "batch_size": (_INT, _at_least(1)),
     "num_epochs": (_FLOAT, _FINITE),
     "num_train_steps": (_INT, _ANY),
@@ -135,15 +144,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"it must be a positive multiple of the {num_devices} devices")
   _require(config.eval_batch_size % num_devices == 0, "eval_batch_size", config.eval_batch_size,
            f"it must be a positive multiple of the {num_devices} devices")
-  per_device = config.batch_size // num_devices
+  accum = config.grad_accum_steps
+  _require(config.batch_size % (num_devices * accum) == 0, "grad_accum_steps", accum,
+           f"batch_size={config.batch_size} must split into {accum} equal micro-batches on each "
+           f"of the {num_devices} devices; pick a grad_accum_steps that divides "
+           f"{config.batch_size // num_devices}")
+  per_device = config.batch_size // num_devices // accum
+  where = (f"the per-device batch of {per_device}" if accum == 1 else
+           f"the per-device micro-batch of {per_device} (batch_size {config.batch_size} over "
+           f"{num_devices} devices and {accum} micro-batches)")
   group = config.bn_group_size or 0
   _require(group <= per_device, "bn_group_size", config.bn_group_size,
-           f"it must not exceed the per-device batch of {per_device} "
-           f"(batch_size {config.batch_size} over {num_devices} devices)")
+           f"it must not exceed {where} (batch_size {config.batch_size} over {num_devices} "
+           "devices)")
   _require(group == 0 or config.batch_size % group == 0, "bn_group_size", config.bn_group_size,
            f"it must divide batch_size={config.batch_size}")
   _require(group == 0 or per_device % group == 0, "bn_group_size", config.bn_group_size,
-           f"it must divide the per-device batch of {per_device} so groups stay on one device")
+           f"it must divide {where} so groups stay on one device")
   _require(config.end_learning_rate <= config.learning_rate, "end_learning_rate",
            config.end_learning_rate,
            f"it must not exceed the peak learning_rate={config.learning_rate}")

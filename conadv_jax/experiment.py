@@ -21,7 +21,9 @@ def method_config(config: ml_collections.ConfigDict, num_classes: int) -> conadv
   return conadv.MethodConfig(
       method=config.method, num_classes=num_classes, staleness=config.staleness,
       attack=attacks.AttackConfig.from_config(config.attack), clean_weight=config.clean_weight,
-      adv_weight=config.adv_weight, label_smoothing=config.label_smoothing)
+      adv_weight=config.adv_weight, label_smoothing=config.label_smoothing,
+      aug_view=config.aug_branch != "none", loss_weighting=config.loss_weighting,
+      grad_accum_steps=config.grad_accum_steps)
 
 
 @dataclasses.dataclass
@@ -57,14 +59,15 @@ class Experiment:
   @functools.cached_property
   def train_step(self) -> Callable:
     """(state, batch_t, batch_t+τ) -> (state, metrics), jitted with the state donated."""
-    step = conadv.make_train_step(self.forward, self.tx, self.method, self.learning_rate_fn)
+    step = conadv.make_train_step(self.forward, self.tx, self.method, self.learning_rate_fn,
+                                  num_shards=self.mesh.size)
     return parallel.jit_train_step(step, self.mesh, self.state_shape)
 
   @functools.cached_property
   def fill_fifo(self) -> Callable:
     """(state, τ batches, on_slot=None) -> state whose FIFO holds their attacks with θ."""
-    return parallel.jit_fill_fifo(conadv.make_fill_fifo(self.forward, self.method), self.mesh,
-                                  self.state_shape)
+    fill_slot = conadv.make_fill_fifo(self.forward, self.method, num_shards=self.mesh.size)
+    return parallel.jit_fill_fifo(fill_slot, self.mesh, self.state_shape)
 
   @functools.cached_property
   def eval_step(self) -> Callable:
@@ -73,10 +76,8 @@ class Experiment:
 
   def fifo_bytes_per_device(self) -> int:
     """Memory of the adversarial FIFO on each device (it is sharded like the batches)."""
-    if self.state_shape.adv_fifo is None:
-      return 0
-    fifo = self.state_shape.adv_fifo
-    return fifo.size * fifo.dtype.itemsize // self.mesh.size
+    leaves = jax.tree.leaves(self.state_shape.adv_fifo)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) // self.mesh.size
 
 
 def build(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,

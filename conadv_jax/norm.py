@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 MAIN = "main"
 ADV = "adv"
+AUG = "aug"  # The AutoAugment view of the three-branch recipe.
 
 
 class GhostBatchNorm(nn.Module):

@@ -34,7 +34,8 @@ def state_sharding(mesh: Mesh, state: TrainState) -> TrainState:
   shardings = jax.tree.map(lambda _: replicated(mesh), state)
   if state.adv_fifo is None:
     return shardings
-  return shardings.replace(adv_fifo=NamedSharding(mesh, P(None, DATA_AXIS)))
+  return shardings.replace(adv_fifo=jax.tree.map(lambda _: NamedSharding(mesh, P(None, DATA_AXIS)),
+                                                 state.adv_fifo))
 
 
 def create_sharded_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> TrainState:

@@ -26,6 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.shuffle_buffer_size = 16_384
   # Train-time augmentation: Inception crop + flip (ImageNet), pad-and-crop + flip (small images).
   config.augment = True
+  # Second view of every train example (batch["aug_image"], for the "aug" BN branch): an
+  # independent crop + flip, then AutoAugment's ImageNet policy "v0" or RandAugment(N, M).
+  config.aug_branch = "none"  # none | autoaugment | randaugment
+  config.randaugment_num_layers = 2  # N: ops per image.
+  config.randaugment_magnitude = 9.0  # M: in [0, 10].
   config.eval_batch_size = 1_000  # Global; the last batch is padded and masked.
   # synthetic only: how many examples and classes (image_size 0 means 32).
   config.synthetic_num_examples = 4_096  # Train split; the eval split has a quarter as many.
@@ -38,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # Compute dtype: float32 | bfloat16. Parameters stay float32.
   config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device batch.
   config.adv_bn = "separate"  # separate | shared: BN of the adversarial branch.
+  # flax | reference: initialisation and strided-conv padding (conadv_jax/models.py docstring);
+  # "reference" is the paper's code (tensorflow/tpu ResNet), whose LARS learning rates assume it.
+  config.model_init = "flax"
 
   # Method. vanilla: clean gradient; disadv: attack(θ_t, x_t) then gradient (two sequential
   # passes); conadv: Algorithm 1 with `staleness` τ >= 1 (τ = 0 would be disadv).
@@ -46,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.clean_weight = 1.0
   config.adv_weight = 1.0
   config.label_smoothing = 0.0
+  # sum: the branch losses (clean, adversarial, augmented) weighted and added, as Algorithm 1
+  # writes it; mean: that sum divided by the number of branches, as the reference code's one
+  # concatenated batch does (its LR table was tuned for it; see docs/optimizers.md).
+  config.loss_weighting = "sum"
 
   # Attack: L∞ PGD on the 0-255 pixel scale (reference defaults: one targeted step, ε = step = 9).
   config.attack = ml_collections.ConfigDict()
@@ -54,10 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.attack.num_steps = 1
   config.attack.random_start_prob = 0.8
   config.attack.targeted = True
+  config.attack.random_start = "per_example"  # per_example | per_batch (the reference: one coin).
 
   # Optimisation. `batch_size` is the global number of clean examples per step. `learning_rate`
   # is the peak learning rate as given (no implicit scaling with the batch size).
   config.batch_size = 256
+  # Micro-batches per step: the batch is processed in this many slices one after another, with
+  # one update; BN statistics are per micro-batch (per bn_group_size group within it).
+  config.grad_accum_steps = 1
   config.num_epochs = 5.0
   config.num_train_steps = -1  # -1: derive from num_epochs; a positive value overrides it.
   config.optimizer = "sgd"  # lars | sgd | lamb

@@ -105,6 +105,45 @@ def test_attack_does_not_update_running_averages():
   cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=1)
   attack = conadv.make_attack_fn(forward, cfg)
   closed = jax.make_jaxpr(attack)(v["params"], v["batch_stats"], jax.random.PRNGKey(0),
-                                  {"image": images, "label": np.zeros(8, np.int32)}, 0)
-  # The attack returns images only: BN statistics cannot leave it.
-  assert [o.aval.shape for o in closed.jaxpr.outvars] == [images.shape]
+                                  {"image": images, "label": np.zeros(8, np.int32)}, 0,
+                                  np.arange(8))
+  # The attack returns images and their labels only: BN statistics cannot leave it.
+  assert [o.aval.shape for o in closed.jaxpr.outvars] == [images.shape, (8,)]
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 3.6, 4.0, 9.0])
+def test_quantize_rounds_to_8bit_pixels_inside_the_ball(epsilon):
+  rng = np.random.RandomState(0)
+  images = rng.randint(0, 256, (256, 4)).astype(np.uint8)
+  images[:8] = 0
+  images[8:16] = 255
+  clean = images.astype(np.float64)
+  # Anything within the ball and the pixel range, fractional, including the exact bounds.
+  low, high = np.maximum(clean - epsilon, 0), np.minimum(clean + epsilon, 255)
+  adversarial = low + (high - low) * rng.uniform(0, 1, images.shape)
+  adversarial[:, 0], adversarial[:, 1] = low[:, 0], high[:, 1]
+  got = np.asarray(attacks.quantize(jnp.asarray(adversarial, jnp.float32), images, epsilon))
+  assert got.dtype == np.uint8
+  delta = np.abs(got.astype(np.float64) - clean)
+  assert delta.max() <= epsilon
+  # Nearest whole level, except where that would leave the ball (ε = 3.6: 3.6 rounds to 4).
+  nearest = np.round(adversarial)
+  inside = np.abs(nearest - clean) <= epsilon
+  np.testing.assert_array_equal(got[inside], nearest[inside])
+  np.testing.assert_array_equal(np.abs(got[~inside].astype(float) - nearest[~inside]), 1)
+  assert (~inside).any() == (epsilon == 3.6)
+
+
+def test_per_batch_random_start_shares_one_coin():
+  """per_batch: all examples of a batch start from noise, or none do; about 80% of batches do."""
+  n, batches, center, eps = 16, 400, 127.0, 9.0
+  images = jnp.full((n, 2, 2, 1), center)
+  labels = jnp.zeros((n,), jnp.int32)
+  config = attacks.AttackConfig(epsilon=eps, step_size=eps, random_start="per_batch")
+  flat_loss = lambda x, y: 0.0 * jnp.sum(x, axis=(1, 2, 3))  # sign(0) = 0: stays at its start.
+  attack = jax.jit(jax.vmap(lambda key: attacks.pgd_linf(flat_loss, images, labels, key, config,
+                                                         NUM_CLASSES)))
+  moved = np.any(np.asarray(attack(jax.random.split(jax.random.PRNGKey(0), batches))) != center,
+                 axis=(2, 3, 4))
+  assert np.all(moved.all(axis=1) | ~moved.any(axis=1))  # One coin per batch.
+  assert abs(moved[:, 0].mean() - 0.8) <= 5 * np.sqrt(0.8 * 0.2 / batches)

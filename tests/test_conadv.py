@@ -31,15 +31,22 @@ def tiny_init():
   k1, k2 = jax.random.split(jax.random.PRNGKey(42))
   bn = lambda: {"scale": jnp.ones(8), "bias": jnp.zeros(8)}
   params = {"w1": jax.random.normal(k1, (12, 8)) * 0.5, "w2": jax.random.normal(k2, (8, 5)) * 0.5,
-            "b2": jnp.zeros(5), "bn": {"main": bn(), "adv": bn()}}
-  stats = {b: {"mean": jnp.zeros(8), "var": jnp.ones(8)} for b in ("main", "adv")}
+            "b2": jnp.zeros(5), "bn": {"main": bn(), "adv": bn(), "aug": bn()}}
+  stats = {b: {"mean": jnp.zeros(8), "var": jnp.ones(8)} for b in ("main", "adv", "aug")}
   return params, stats
 
 
-def make_batches(n):
+def make_batches(n, aug=False):
+  """8-bit images, as the input pipeline delivers them; with `aug` a second view of each."""
   rng = np.random.RandomState(0)
-  return [{"image": rng.uniform(0, 255, (BATCH, 2, 2, 3)).astype(np.float32),
-           "label": rng.randint(0, NUM_CLASSES, BATCH).astype(np.int32)} for _ in range(n)]
+  pixels = lambda: rng.randint(0, 256, (BATCH, 2, 2, 3)).astype(np.uint8)
+  return [{"image": pixels(), "label": rng.randint(0, NUM_CLASSES, BATCH).astype(np.int32),
+           **({"aug_image": pixels()} if aug else {})} for _ in range(n)]
+
+
+def to_8bit(adv):
+  """Adversarial images as stored: rounded to whole pixel levels (integer ε keeps the ball)."""
+  return jnp.round(adv).astype(jnp.uint8)
 
 
 def reference_ce(logits, labels):
@@ -49,30 +56,36 @@ def reference_ce(logits, labels):
 
 def reference_untargeted_pgd(params, stats, x, y, eps=6.0, step=4.0, steps=2):
   """PGD from the clean image, adversarial BN in train mode, statistics discarded."""
+  x = x.astype(jnp.float32)
   adv = x
   for _ in range(steps):
     g = jax.grad(lambda z: reference_ce(tiny_forward(params, stats, z, train=True,
                                                      branch="adv")[0], y).sum())(adv)
     adv = jnp.clip(jnp.clip(adv + step * jnp.sign(g), x - eps, x + eps), 0, 255)
-  return adv
+  return to_8bit(adv)
 
 
-def reference_run(method, tau, batches, num_steps, attack):
-  """Algorithm 1 (tau >= 1), DisAdv (tau = 0) or vanilla, with plain jax.grad and SGD."""
+def reference_run(method, tau, batches, num_steps, attack, mean=False):
+  """Algorithm 1 (tau >= 1), DisAdv (tau = 0) or vanilla, with plain jax.grad and SGD.
+
+  Batches with "aug_image" add the augmented view's loss (aug BN); `mean` averages the branch
+  losses instead of adding them.
+  """
   params, stats = tiny_init()
   velocity = jax.tree.map(jnp.zeros_like, params)
 
-  def loss(p, s, x, y, x_adv):
-    logits, s = tiny_forward(p, s, x, train=True, branch="main")
-    total = reference_ce(logits, y).mean()
-    if x_adv is not None:
-      adv_logits, s = tiny_forward(p, s, x_adv, train=True, branch="adv")
-      total += reference_ce(adv_logits, y).mean()
-    return total, s
+  def loss(p, s, batch, x_adv):
+    views = [(batch["image"], "main")]
+    views += [(x_adv, "adv")] if x_adv is not None else []
+    views += [(batch["aug_image"], "aug")] if "aug_image" in batch else []
+    total = 0.0
+    for x, branch in views:
+      logits, s = tiny_forward(p, s, x.astype(jnp.float32), train=True, branch=branch)
+      total += reference_ce(logits, batch["label"]).mean()
+    return (total / len(views) if mean else total), s
 
   pending = {i: attack(params, stats, batches[i], i) for i in range(tau)}
   for t in range(num_steps):
-    x, y = batches[t]["image"], batches[t]["label"]
     if method == "vanilla":
       x_adv = None
     elif tau == 0:
@@ -80,15 +93,15 @@ def reference_run(method, tau, batches, num_steps, attack):
     else:
       x_adv = pending.pop(t)
       pending[t + tau] = attack(params, stats, batches[t + tau], t + tau)
-    g, stats = jax.grad(loss, has_aux=True)(params, stats, x, y, x_adv)
+    g, stats = jax.grad(loss, has_aux=True)(params, stats, batches[t], x_adv)
     velocity = jax.tree.map(lambda v, gi: MOMENTUM * v + gi, velocity, g)
     params = jax.tree.map(lambda p, v: p - LR * v, params, velocity)
   return params, stats
 
 
-def library_run(method, tau, batches, num_steps, attack_config, mesh=None):
+def library_run(method, tau, batches, num_steps, attack_config, mesh=None, **method_fields):
   cfg = conadv.MethodConfig(method=method, num_classes=NUM_CLASSES, staleness=tau,
-                            attack=attack_config)
+                            attack=attack_config, **method_fields)
   tx = optax.sgd(LR, MOMENTUM)
   mesh = mesh or parallel.make_mesh(jax.devices()[:1])
 
@@ -113,12 +126,14 @@ DEFAULT = attacks.AttackConfig()  # Targeted, random start: the reference code's
 
 
 def library_attack_for_reference(config):
-  """The library's attack function alone (not step code), keyed by batch index."""
+  """The library's attack function alone (not step code), keyed by (batch index, row)."""
 
   def attack(params, stats, batch, index):
     loss = lambda x, y: reference_ce(tiny_forward(params, stats, x, train=True, branch="adv")[0], y)
-    return attacks.pgd_linf(loss, batch["image"], batch["label"],
-                            jax.random.fold_in(jax.random.PRNGKey(7), index), config, NUM_CLASSES)
+    _, root = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(7), index))
+    keys = jnp.stack([jax.random.fold_in(root, row) for row in range(BATCH)])
+    return to_8bit(attacks.pgd_linf(loss, batch["image"], batch["label"], keys, config,
+                                    NUM_CLASSES, rng_per_example=True))
 
   return attack
 
@@ -144,6 +159,53 @@ def test_step_matches_reference_loop(method, tau, attack_kind):
                got.batch_stats, want_stats)
 
 
+@pytest.mark.parametrize("method,tau", [("conadv", 2), ("disadv", 0), ("vanilla", 0)])
+@pytest.mark.parametrize("weighting", ["sum", "mean"])
+def test_three_branches_and_loss_weighting_match_reference_loop(method, tau, weighting):
+  """The augmented view trains through its own BN; "mean" divides by the number of branches."""
+  num_steps = 4
+  batches = make_batches(num_steps + tau, aug=True)
+  want_params, want_stats = reference_run(method, tau, batches, num_steps,
+                                          library_attack_for_reference(DEFAULT),
+                                          mean=weighting == "mean")
+  got = library_run(method, tau, batches, num_steps, DEFAULT, aug_view=True,
+                    loss_weighting=weighting)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               (got.params, got.batch_stats), (want_params, want_stats))
+  assert max_abs(jax.tree.map(jnp.subtract, got.batch_stats["aug"], tiny_init()[1]["aug"])) > 0
+
+
+def max_abs(tree):
+  return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
+
+
+def test_adversarial_loss_uses_the_labels_stored_with_the_fifo():
+  """If batch t's labels no longer match the batch attacked τ steps ago (say, a resume on another
+  host count reordered the data), task A must pair the stored images with their own labels."""
+  cfg = conadv.MethodConfig(method="conadv", num_classes=NUM_CLASSES, staleness=1)
+  tx = optax.sgd(LR)
+  params, stats = tiny_init()
+  init = lambda: conadv.TrainState.create(params=params, batch_stats=stats, tx=tx, staleness=1,
+                                          batch_shape=(BATCH, 2, 2, 3), rng=jax.random.PRNGKey(0))
+  attacked, later = make_batches(2)
+  state = jax.jit(conadv.make_fill_fifo(tiny_forward, cfg))(init(), attacked, jnp.int32(0))
+  stored = jax.device_get(state.adv_fifo)
+  np.testing.assert_array_equal(stored["label"][0], attacked["label"])
+  relabelled = dict(attacked, label=(attacked["label"] + 1) % NUM_CLASSES)
+  _, metrics = jax.jit(conadv.make_train_step(tiny_forward, tx, cfg))(state, relabelled, later)
+
+  def adv_loss(labels):
+    logits = tiny_forward(params, stats, stored["image"][0].astype(jnp.float32), train=True,
+                          branch="adv")[0]
+    return float(reference_ce(logits, labels).mean())
+
+  np.testing.assert_allclose(metrics["adv_loss"], adv_loss(attacked["label"]), rtol=1e-6)
+  assert abs(adv_loss(relabelled["label"]) - adv_loss(attacked["label"])) > 1e-2
+  clean_logits = tiny_forward(params, stats, attacked["image"].astype(jnp.float32), train=True)[0]
+  np.testing.assert_allclose(metrics["clean_loss"],
+                             reference_ce(clean_logits, relabelled["label"]).mean(), rtol=1e-6)
+
+
 def test_stale_attack_differs_from_fresh_attack():
   """ConAdv τ=1 must not silently equal DisAdv: the FIFO really delays the examples."""
   batches = make_batches(7)
@@ -167,8 +229,9 @@ def test_fill_fifo_changes_no_statistics_and_bounds_examples():
       state, batches)
   jax.tree.map(np.testing.assert_array_equal, filled.batch_stats, stats_before)
   for slot in range(2):
-    delta = np.abs(np.asarray(filled.adv_fifo[slot]) - batches[slot]["image"])
-    assert delta.max() <= DEFAULT.epsilon + 1e-4 and delta.max() > 0
+    delta = np.abs(filled.adv_fifo["image"][slot].astype(int) - batches[slot]["image"])
+    assert delta.max() <= DEFAULT.epsilon and delta.max() > 0
+    np.testing.assert_array_equal(filled.adv_fifo["label"][slot], batches[slot]["label"])
 
 
 # --- Independence of tasks A and B, read off the traced program. ---
@@ -206,14 +269,14 @@ def test_conadv_tasks_are_independent(tau):
   # Task B's result (the new FIFO) does not see batch t, hence neither its gradient nor update.
   from_batch_t = dependency_map("conadv", tau, taint="batch_t")
   new_state, metrics = from_batch_t
-  assert not new_state.adv_fifo
+  assert not any(jax.tree.leaves(new_state.adv_fifo))
   assert all(jax.tree.leaves(new_state.params)) and metrics["grad_norm"]  # The walk sees flow.
   # Task A (gradient, update) does not see batch t+τ, hence not its attack.
   from_ahead = dependency_map("conadv", tau, taint="ahead")
   new_state, metrics = from_ahead
   assert not any(jax.tree.leaves(new_state.params))
   assert not metrics["grad_norm"] and not any(jax.tree.leaves(new_state.opt_state))
-  assert new_state.adv_fifo
+  assert new_state.adv_fifo["image"]
 
 
 def test_disadv_gradient_depends_on_attack():
@@ -232,7 +295,7 @@ def test_one_and_four_devices_agree():
                      synthetic_num_classes=NUM_CLASSES))
   info = input_pipeline.get_dataset_info(config)
   rng = np.random.RandomState(1)
-  batches = [{"image": rng.uniform(0, 255, (16, 8, 8, 3)).astype(np.float32),
+  batches = [{"image": rng.randint(0, 256, (16, 8, 8, 3)).astype(np.uint8),
               "label": rng.randint(0, NUM_CLASSES, 16).astype(np.int32)} for _ in range(3)]
 
   def run(devices):
@@ -240,7 +303,7 @@ def test_one_and_four_devices_agree():
     state = exp.fill_fifo(exp.init_state(), batches[:1])
     for t in range(2):
       state, _ = exp.train_step(state, batches[t], batches[t + 1])
-    assert len(state.adv_fifo.sharding.device_set) == len(devices)
+    assert len(state.adv_fifo["image"].sharding.device_set) == len(devices)
     return jax.device_get(state)
 
   assert len(jax.devices()) >= 4, "conftest.py should give 4 fake CPU devices"
@@ -266,4 +329,5 @@ def test_fifo_fill_compiles_once_whatever_tau():
   # Batch i sits in slot i mod τ and was attacked with key i: the same as one slot at a time.
   for i in (0, 3):
     alone = conadv.make_fill_fifo(tiny_forward, cfg)(state, batches[i], jnp.int32(i))
-    np.testing.assert_array_equal(filled.adv_fifo[i], alone.adv_fifo[i])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b[i]), filled.adv_fifo,
+                 alone.adv_fifo)

@@ -11,4 +11,4 @@ def test_api_examples_run():
   namespace = {}
   exec(compile("\n".join(blocks), str(DOC), "exec"), namespace)  # pylint: disable=exec-used
   state = namespace["state"]
-  assert int(state.step) == 6 and state.adv_fifo.shape[0] == 2
+  assert int(state.step) == 6 and state.adv_fifo["image"].shape[0] == 2

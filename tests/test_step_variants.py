@@ -66,7 +66,7 @@ def init_variables(model: models.ResNet, seed: int = 0) -> tuple[Any, Any]:
 
 def make_batches(num: int, batch_size: int, seed: int = 0) -> list[conadv.Batch]:
   rng = np.random.RandomState(seed)
-  return [{"image": rng.uniform(0, 255, (batch_size, *IMAGE_SHAPE)).astype(np.float32),
+  return [{"image": rng.randint(0, 256, (batch_size, *IMAGE_SHAPE)).astype(np.uint8),
            "label": rng.randint(0, NUM_CLASSES, batch_size).astype(np.int32)}
           for _ in range(num)]
 
@@ -120,8 +120,11 @@ def test_bfloat16_step_keeps_float32_state_and_tracks_float32():
   init, f32_state, f32_history = run_conadv("float32", batches, 3)
   _, bf16_state, bf16_history = run_conadv("bfloat16", batches, 3)
 
-  stored = (bf16_state.params, bf16_state.batch_stats, bf16_state.opt_state, bf16_state.adv_fifo)
+  stored = (bf16_state.params, bf16_state.batch_stats, bf16_state.opt_state)
   assert {leaf.dtype for leaf in jax.tree.leaves(stored)} == {np.dtype(np.float32)}
+  # The FIFO holds 8-bit images and their labels whatever the compute dtype.
+  assert jax.tree.map(lambda x: x.dtype, bf16_state.adv_fifo) == {"image": np.uint8,
+                                                                  "label": np.int32}
   for metrics in bf16_history:
     assert all(np.isfinite(v) for v in metrics.values()), metrics
   # bfloat16 keeps 8 significant bits (rounding <= 2^-9 = 0.2% per operation); over ~10 layers
@@ -161,7 +164,7 @@ def reference_disadv_step(forward, params, stats, batch, clean_weight, adv_weigh
 
   Returns (params, batch_stats, metrics) after the step, and batch_stats after its clean pass.
   """
-  x, y = batch["image"], batch["label"]
+  x, y = batch["image"].astype(jnp.float32), batch["label"]
 
   def attack_loss(images):
     logits, _ = forward(params, stats, images, train=True, branch=adv_branch)
@@ -170,6 +173,7 @@ def reference_disadv_step(forward, params, stats, batch, clean_weight, adv_weigh
   eps = FGSM.epsilon
   x_adv = x + FGSM.step_size * jnp.sign(jax.grad(attack_loss)(x))
   x_adv = jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 255.0)
+  x_adv = jnp.round(x_adv)  # Adversarial images are 8-bit images (ε is a whole number here).
 
   def loss_fn(p):
     logits, clean_stats = forward(p, stats, x, train=True, branch=MAIN)
