@@ -26,6 +26,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.6,<5",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "Pillow>=10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "Pillow>=10",
+                 "matplotlib>=3.8,<4"],
     },
 )
