@@ -118,7 +118,8 @@ flags.DEFINE_integer("eval_batch_size", None, "Eval images per batch on this hos
 flags.DEFINE_integer("process_count", 1, "Hosts of the simulated job; this one reads its share.")
 flags.DEFINE_integer("process_index", 0, "Which host of --process_count this one is.")
 flags.DEFINE_integer("steps", 64, "Timed training batches per repeat.")
-flags.DEFINE_integer("warmup", 4, "Untimed training batches before the first repeat.")
+flags.DEFINE_integer("warmup", 4, "Untimed training batches before the first repeat (>= 1: the "
+                     "first batch builds the pipeline).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (train: --steps batches; eval: one pass).")
 flags.DEFINE_string("aug_branch", "randaugment",
                     "config.aug_branch of the augmented train run, if the config has that field "
@@ -333,14 +334,26 @@ class _Timings:
     }
 
 
+class MissingKeyError(Exception):
+  """The pipeline's batches lack a key the run needs (a config field it does not implement)."""
+
+
 def measure_train(name: str, config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
-                  steps_per_epoch: int) -> dict[str, Any]:
-  """Times one continuous train stream: --warmup batches, then --repeats x --steps batches."""
+                  steps_per_epoch: int, required_key: str = "image") -> dict[str, Any]:
+  """Times one continuous train stream: --warmup batches, then --repeats x --steps batches.
+
+  Raises:
+    MissingKeyError: the first batch has no `required_key` (checked before any timing).
+  """
   batches = input_pipeline.train_batches(config, info, start_step=0,
                                          process_index=FLAGS.process_index,
                                          process_count=FLAGS.process_count)
   timings = _Timings()
-  for _ in range(FLAGS.warmup):
+  # The first (untimed) batch builds the pipeline; its layout is checked before any timing.
+  batch = next(batches)
+  if required_key not in batch:
+    raise MissingKeyError(f"its batches have no {required_key!r} (keys: {sorted(batch)})")
+  for _ in range(FLAGS.warmup - 1):
     batch = next(batches)
   step = FLAGS.warmup
   for _ in range(FLAGS.repeats):
@@ -463,8 +476,8 @@ def main(argv: Sequence[str]) -> None:
   for name in ("num_train", "num_eval", "batch_size", "steps", "repeats", "process_count"):
     if FLAGS[name].value < 1:
       raise app.UsageError(f"--{name} must be positive.")
-  if FLAGS.warmup < 0 or not 0 <= FLAGS.process_index < FLAGS.process_count:
-    raise app.UsageError("--warmup must be >= 0 and 0 <= --process_index < --process_count.")
+  if FLAGS.warmup < 1 or not 0 <= FLAGS.process_index < FLAGS.process_count:
+    raise app.UsageError("--warmup must be >= 1 and 0 <= --process_index < --process_count.")
   tf.config.set_visible_devices([], "GPU")  # The input side only; leave accelerators alone.
   tfds.disable_progress_bar()
   logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it constructs.
@@ -488,7 +501,11 @@ def main(argv: Sequence[str]) -> None:
   else:
     aug_config = _config(data_dir)
     aug_config.aug_branch = FLAGS.aug_branch
-    results["train_aug"] = measure_train("train_aug", aug_config, info, steps_per_epoch)
+    try:
+      results["train_aug"] = measure_train("train_aug", aug_config, info, steps_per_epoch,
+                                           required_key="aug_image")
+    except MissingKeyError as e:  # The config knows the field before the pipeline does.
+      skipped["train_aug"] = f"config.aug_branch={FLAGS.aug_branch!r} is set, but {e}"
   results["eval"] = measure_eval(config, info)
 
   machine = dict(_machine_info(), loadavg_before=list(loadavg_before),
