@@ -214,7 +214,8 @@ def prepare_dataset(data_dir: str) -> dict[str, Any]:
   is never mistaken for a prepared copy by a later run.
 
   Raises:
-    app.UsageError: data_dir holds a dataset this script wrote with other flags.
+    app.UsageError: data_dir holds a dataset this script wrote with other flags, or an
+      unprepared imagenet2012 folder.
   """
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   final = pathlib.Path(builder.data_path)
@@ -234,6 +235,9 @@ def prepare_dataset(data_dir: str) -> dict[str, Any]:
           f"{final} holds a benchmark dataset written with {written['params']}, not {params}: "
           "pass another --data_dir or delete that folder.")
     return dict(written["summary"], written_now=False)
+  if final.exists():
+    raise app.UsageError(f"{final} exists but is no prepared imagenet2012 (an interrupted "
+                         "build?): delete it or pass another --data_dir.")
 
   start = time.perf_counter()
   partial = final.with_name(final.name + ".incomplete")
