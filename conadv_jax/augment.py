@@ -5,12 +5,18 @@ read, tested and extended on their own. A recipe is a pair of functions named in
 `train(example, seed)` augments, `eval(example)` only brings the image to the model's size; the
 registry (`datasets.DatasetSpec.augmentation`) says which recipe a dataset uses. Both take and
 return {'image', 'label'} dicts and return float32 images in [0, 255] of side `image_size`.
+
+`aug_view_fn` makes the second, policy-augmented view of an example (config.aug_branch): an
+independent crop and flip with the dataset's train recipe, then AutoAugment or RandAugment.
 """
 from collections.abc import Callable
 import functools
 import math
 
 import tensorflow as tf
+
+from conadv_jax import autoaugment
+from conadv_jax import datasets
 
 Example = dict[str, tf.Tensor]
 TrainFn = Callable[[Example, tf.Tensor], Example]
@@ -21,6 +27,11 @@ CROP_PADDING = 32  # ImageNet eval: crop image_size / (image_size + 32) of the s
 RRC_AREA_RANGE = (0.08, 1.0)
 RRC_ASPECT_RANGE = (3 / 4, 4 / 3)
 RRC_MAX_ATTEMPTS = 10
+# fold_in data turning an example's seed into its augmented view's seed: the main view keeps
+# using the example's seed untouched, so turning the branch on does not change it.
+AUG_VIEW_SALT = 0x61756776  # "augv"
+# Side the policies' pixel constants (translation, cutout) were set for; scaled to other sides.
+POLICY_REFERENCE_SIZE = 224
 
 
 def center_crop_window(image_shape: tf.Tensor, image_size: int,
@@ -157,3 +168,65 @@ def _recipe(recipe: str) -> tuple[Callable[..., Example], Callable[..., Example]
   if recipe not in RECIPES:
     raise ValueError(f"Unknown augmentation recipe {recipe!r}; use one of {', '.join(RECIPES)}.")
   return RECIPES[recipe]
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Pixels as sent to the device: rounded and clipped to [0, 255] uint8 (4x fewer bytes)."""
+  if image.dtype == tf.uint8:
+    return image
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+
+
+PolicyFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def policy_fn(aug_branch: str, image_size: int, *, randaugment_num_layers: int = 2,
+              randaugment_magnitude: float = 9.0) -> PolicyFn:
+  """policy(uint8 image, seed) -> uint8 image for config.aug_branch (not 'none').
+
+  The policies' translations and cutout sizes are pixel counts chosen for 224-pixel ImageNet
+  inputs; they are scaled by image_size / 224 so that small images keep the same relative
+  strength (a 250-pixel shift would blank a 32-pixel image). At 224 they are the reference's.
+  Grayscale images work as in PIL's mode "L": Color is the identity, every other op acts on the
+  one channel as it would on each channel of an RGB image.
+  """
+  scale = image_size / POLICY_REFERENCE_SIZE
+  if aug_branch == "autoaugment":
+    return functools.partial(
+        autoaugment.autoaugment_v0,
+        translate_const=autoaugment.AUTOAUGMENT_TRANSLATE_CONST * scale,
+        cutout_const=autoaugment.AUTOAUGMENT_CUTOUT_CONST * scale)
+  if aug_branch == "randaugment":
+    return functools.partial(
+        autoaugment.randaugment, num_layers=randaugment_num_layers,
+        magnitude=randaugment_magnitude,
+        translate_const=autoaugment.RANDAUGMENT_TRANSLATE_CONST * scale,
+        cutout_const=autoaugment.RANDAUGMENT_CUTOUT_CONST * scale)
+  raise ValueError(f"Unknown aug_branch {aug_branch!r} for a policy; use one of "
+                   f"{', '.join(b for b in datasets.AUG_BRANCHES if b != 'none')}.")
+
+
+def aug_view_seeds(example_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(crop and flip seed, policy seed) of the augmented view of the example with this seed."""
+  seed = tf.random.experimental.stateless_fold_in(example_seed,
+                                                  tf.constant(AUG_VIEW_SALT, tf.int64))
+  crop_seed, policy_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  return crop_seed, policy_seed
+
+
+def aug_view_fn(recipe: str, image_size: int,
+                policy: PolicyFn) -> Callable[[Example, tf.Tensor], tf.Tensor]:
+  """view(example, example_seed) -> uint8 image: the augmented view of config.aug_branch.
+
+  An independent random crop and flip with the train `recipe` (Inception crop for JPEGs,
+  pad-and-crop for small images), resized to image_size, then `policy` on the uint8 pixels.
+  Its seeds come from the example's seed through `aug_view_seeds`.
+  """
+  train = train_fn(recipe, image_size)
+
+  def view(example: Example, example_seed: tf.Tensor) -> tf.Tensor:
+    crop_seed, policy_seed = aug_view_seeds(example_seed)
+    image = to_uint8(train(example, crop_seed)["image"])
+    return policy(image, policy_seed)
+
+  return view

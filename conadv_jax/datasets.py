@@ -14,6 +14,10 @@ from conadv_jax import errors
 
 SOURCES = ("tfds", "fashion_mnist", "synthetic")  # See DatasetSpec.source.
 AUGMENTATIONS = ("inception_crop", "pad_crop", "none")  # The keys of augment.RECIPES.
+# config.aug_branch: no second view, or one augmented with AutoAugment "v0" or RandAugment
+# (`augment.policy_fn`). Kept here, not in augment.py, so validation needs no TensorFlow.
+AUG_BRANCHES = ("none", "autoaugment", "randaugment")
+RANDAUGMENT_MAX_MAGNITUDE = 10.0  # autoaugment.MAX_LEVEL.
 
 
 @dataclasses.dataclass(frozen=True)

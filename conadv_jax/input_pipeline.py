@@ -267,6 +267,8 @@ def _synthetic_source(config: ml_collections.ConfigDict, info: DatasetInfo, trai
     label = tf.random.stateless_uniform([], label_seed, 0, num_classes, dtype=tf.int32)
     return {"image": image, "label": label}
 
+  aug_view = _aug_view(config, info)
+
   def train_epoch(epoch: int, skip: int) -> tf.data.Dataset:
     # One global order per epoch; this process makes only its rows of each global batch, so
     # global batch k holds the same examples whatever the process count.
@@ -274,8 +276,18 @@ def _synthetic_source(config: ml_collections.ConfigDict, info: DatasetInfo, trai
     local_batch = config.batch_size // process_count
     order = np.random.default_rng(_seed_pair(config.seed, f"{spec.name} order", epoch)).permutation(
         info.num_train_examples)[:num_steps * config.batch_size]
-    rows = order.reshape(num_steps, process_count, local_batch)[:, process_index].reshape(-1)
-    return tf.data.Dataset.from_tensor_slices(rows[skip:]).map(example, tf.data.AUTOTUNE)
+    positions = np.arange(num_steps * config.batch_size).reshape(
+        num_steps, process_count, local_batch)[:, process_index].reshape(-1)
+
+    def train_example(index: tf.Tensor, position: tf.Tensor) -> dict[str, tf.Tensor]:
+      out = example(index)
+      if aug_view is not None:  # Generated data has no crop; its view is the policy alone.
+        seed = _example_seed(config, epoch, position)
+        out["aug_image"] = tf.cast(aug_view(out, seed), out["image"].dtype)
+      return out
+
+    ds = tf.data.Dataset.from_tensor_slices((order[positions][skip:], positions[skip:]))
+    return ds.map(train_example, tf.data.AUTOTUNE)
 
   def eval_epoch(epoch: int, skip: int) -> tf.data.Dataset:
     del epoch  # The same examples every time.
@@ -302,6 +314,7 @@ def _tfds_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bo
   size = info.image_shape[0]
   train_fn = augment.train_fn(spec.augmentation, size)
   eval_fn = augment.eval_fn(spec.augmentation, size)
+  aug_view = _aug_view(config, info)
 
   def read(shuffle_seed: int | None) -> tf.data.Dataset:
     # No TFDS auto-caching: a new pipeline per epoch would refill it; config.cache decides.
@@ -337,14 +350,15 @@ def _tfds_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bo
     # Skip consumed examples before the costly decode / augment, and number the rest by their
     # position in the epoch, which (not the resume point) seeds their augmentation.
     ds = ds.skip(skip).enumerate(start=skip)
-    epoch_key = tf.constant(_seed_pair(config.seed, "augment", epoch, process_index), tf.int64)
 
     def preprocess(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
       if cached is None:
         example = decode(example)
-      if not config.augment:
-        return eval_fn(example)
-      return train_fn(example, tf.random.experimental.stateless_fold_in(epoch_key, index))
+      seed = _example_seed(config, epoch, index, process_index)
+      out = train_fn(example, seed) if config.augment else eval_fn(example)
+      if aug_view is not None:
+        out["aug_image"] = tf.cast(aug_view(example, seed), out["image"].dtype)
+      return out
 
     return ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -352,6 +366,18 @@ def _tfds_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bo
       epoch=train_epoch if train else eval_epoch,
       num_examples=counts[process_index],
       max_num_examples=max(counts))
+
+
+def _aug_view(config: ml_collections.ConfigDict,
+              info: DatasetInfo) -> Callable[[dict[str, tf.Tensor], tf.Tensor], tf.Tensor] | None:
+  """The augmented view of config.aug_branch (None when off): see augment.aug_view_fn."""
+  if config.aug_branch == "none":
+    return None
+  size = info.image_shape[0]
+  policy = augment.policy_fn(config.aug_branch, size,
+                             randaugment_num_layers=config.randaugment_num_layers,
+                             randaugment_magnitude=config.randaugment_magnitude)
+  return augment.aug_view_fn(info.spec.augmentation, size, policy)
 
 
 def _source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
@@ -401,6 +427,17 @@ def _seed_pair(*entropy: int | str) -> tuple[int, int]:
            for e in entropy]
   state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
   return int(state[0] >> 1), int(state[1] >> 1)
+
+
+def _example_seed(config: ml_collections.ConfigDict, epoch: int, position: tf.Tensor | int,
+                  *salt: int) -> tf.Tensor:
+  """int64 [2] augmentation seed of the example at `position` of `epoch`'s train order.
+
+  The main view uses it as is; the augmented view derives its own from it
+  (augment.aug_view_seeds). `salt` (the process index for sharded TFDS reads) keeps slices apart.
+  """
+  key = tf.constant(_seed_pair(config.seed, "augment", epoch, *salt), tf.int64)
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -46,6 +46,17 @@ def test_inconsistent_entries_are_rejected(change):
     dataclasses.replace(datasets.DATASETS["cifar10"], **change)
 
 
+def test_aug_branches_name_the_policies_of_augment():
+  """config validation reads AUG_BRANCHES here (no TensorFlow); augment.py must serve each."""
+  from conadv_jax import autoaugment  # pylint: disable=g-import-not-at-top
+  assert datasets.AUG_BRANCHES[0] == "none"  # The default: no second view.
+  for branch in datasets.AUG_BRANCHES[1:]:
+    assert callable(augment.policy_fn(branch, 224))
+  assert datasets.RANDAUGMENT_MAX_MAGNITUDE == autoaugment.MAX_LEVEL
+  with pytest.raises(ValueError, match="autoaugment, randaugment"):
+    augment.policy_fn("mixup", 224)
+
+
 def test_get_spec_returns_the_entry():
   assert datasets.get_spec(_config(dataset="cifar10")) is datasets.DATASETS["cifar10"]
 

@@ -625,3 +625,138 @@ def test_config_values_the_pipeline_cannot_use_are_user_errors(fashion_dir):
     with pytest.raises(input_pipeline.InputConfigError, match=field) as error:
       fn()
     assert isinstance(error.value, errors.UserError) and isinstance(error.value, ValueError)
+
+
+# --- The augmented view (config.aug_branch). ---
+
+
+@pytest.fixture(scope="module")
+def noise_fashion_dir(tmp_path_factory) -> str:
+  """A Fashion-MNIST-like data dir whose images are distinct uniform noise (labels = index % 10)."""
+  folder = tmp_path_factory.mktemp("noise_fashion")
+  rng = np.random.default_rng(42)
+  for split, count in (("train", NUM_TRAIN), ("test", NUM_TEST)):
+    images_name, labels_name = fashion_mnist.IDX_FILES[split]
+    fashion_mnist.write_idx(folder / images_name, rng.integers(0, 256, (count, 28, 28), np.uint8))
+    fashion_mnist.write_idx(folder / labels_name, (np.arange(count) % 10).astype(np.uint8))
+  fashion_mnist.get_builder(str(folder))
+  return str(folder)
+
+
+AUG_CASES = [dict(dataset="fashion_mnist"), dict(dataset="fashion_mnist", cache=True),
+             dict(dataset="synthetic", image_size=8)]
+
+
+def _aug_config(data_dir, branch, **overrides):
+  return _config(data_dir=data_dir, aug_branch=branch, **overrides)
+
+
+def _without(batches, key):
+  return [{k: v for k, v in b.items() if k != key} for b in batches]
+
+
+@pytest.mark.parametrize("branch", ["autoaugment", "randaugment"])
+@pytest.mark.parametrize("overrides", AUG_CASES, ids=HOOK_IDS)
+def test_aug_view_leaves_the_main_view_unchanged(noise_fashion_dir, overrides, branch):
+  plain = list(itertools.islice(_train(_config(data_dir=noise_fashion_dir, **overrides),
+                                       process_index=0, process_count=1), 7))
+  augmented = list(itertools.islice(_train(_aug_config(noise_fashion_dir, branch, **overrides),
+                                           process_index=0, process_count=1), 7))
+  for batch in augmented:
+    assert set(batch) == {"image", "label", "aug_image"}
+    assert batch["aug_image"].shape == batch["image"].shape
+    assert batch["aug_image"].dtype == batch["image"].dtype
+  _assert_batches_equal(plain, _without(augmented, "aug_image"))
+  # A second view, not a copy: (almost) every example's pixels differ from its main view.
+  differs = [np.any(a != m) for b in augmented for a, m in zip(b["aug_image"], b["image"])]
+  assert np.mean(differs) > 0.8
+
+
+@pytest.mark.parametrize("overrides", AUG_CASES, ids=HOOK_IDS)
+def test_aug_view_is_deterministic_and_resumes_exactly(noise_fashion_dir, overrides):
+  config = _aug_config(noise_fashion_dir, "randaugment", **overrides)
+  full = list(itertools.islice(_train(config, process_index=0, process_count=1), 12))
+  _assert_batches_equal(full, list(itertools.islice(
+      _train(config, process_index=0, process_count=1), 12)))
+  for start in (3, 5, 9):  # Mid-epoch, at a boundary, in a later epoch.
+    resumed = list(itertools.islice(_train(
+        config, start_step=start, process_index=0, process_count=1), 12 - start))
+    _assert_batches_equal(full[start:], resumed)
+  # Each epoch draws new views: the same example's view differs between epochs.
+  other_seed = list(itertools.islice(_train(
+      _aug_config(noise_fashion_dir, "randaugment", seed=1, **overrides),
+      process_index=0, process_count=1), 1))
+  assert np.any(other_seed[0]["aug_image"] != full[0]["aug_image"])
+
+
+def _tile_apply_take(policy, image: np.ndarray, seed) -> np.ndarray:
+  """A grayscale image through `policy` as an RGB image with three equal channels, channel 0."""
+  rgb = tf.tile(tf.constant(image), [1, 1, 3])
+  return policy(rgb, seed).numpy()[..., :1]
+
+
+@pytest.mark.parametrize("branch", ["autoaugment", "randaugment"])
+def test_aug_view_is_the_policy_on_an_independent_crop(noise_fashion_dir, branch):
+  """Recomputes every view of the first two epochs from the stored pixels and the seed rule.
+
+  With augment=False the main view is the stored image, which identifies the example. Its
+  augmented view must be: the pad-crop-flip recipe with a seed folded from the example's seed,
+  then the policy (translation and cutout scaled to 28 pixels) with the other half of that
+  seed. Fashion-MNIST is grayscale, so it is also checked against running the policy on the
+  image tiled to RGB and keeping one channel, which is what grayscale support must mean.
+  """
+  from conadv_jax import autoaugment  # pylint: disable=g-import-not-at-top
+  config = _aug_config(noise_fashion_dir, branch, augment=False, randaugment_num_layers=3,
+                       randaugment_magnitude=7.0)
+  scale = 28 / 224
+  if branch == "autoaugment":
+    @tf.function  # Traced once per image shape: quicker than eager switch_case per example.
+    def policy(image, seed):
+      return autoaugment.autoaugment_v0(image, seed, translate_const=250 * scale,
+                                        cutout_const=100 * scale)
+  else:
+    @tf.function
+    def policy(image, seed):
+      return autoaugment.randaugment(image, seed, num_layers=3, magnitude=7.0,
+                                     translate_const=100 * scale, cutout_const=40 * scale)
+  stored = {img.tobytes(): img for img in fashion_mnist.load_split(noise_fashion_dir, "train")[0]}
+  batches = list(itertools.islice(_train(config, process_index=0, process_count=1), 10))
+  policy_changed = 0
+  for step, batch in enumerate(batches):
+    epoch, first = divmod(step * 4, NUM_TRAIN)
+    for row in range(4):
+      image = stored[batch["image"][row, ..., 0].astype(np.uint8).tobytes()][..., None]
+      seed = input_pipeline._example_seed(config, epoch, first + row, 0)
+      view_seed = tf.random.experimental.stateless_fold_in(
+          seed, tf.constant(augment.AUG_VIEW_SALT, tf.int64))
+      crop_seed, policy_seed = tf.random.experimental.stateless_split(view_seed, num=2)
+      crop = augment.small_train({"image": tf.constant(image), "label": tf.constant(0)},
+                                 crop_seed, 28)["image"]
+      crop = tf.cast(tf.round(crop), tf.uint8)
+      expected = policy(crop, policy_seed).numpy()
+      got = batch["aug_image"][row].astype(np.uint8)
+      np.testing.assert_array_equal(got, expected)
+      np.testing.assert_array_equal(got, _tile_apply_take(policy, crop.numpy(), policy_seed))
+      policy_changed += np.any(expected != crop.numpy())
+  assert policy_changed >= 20  # The policy is applied, not only the crop.
+
+
+def test_policies_are_the_reference_ones_at_224():
+  from conadv_jax import autoaugment  # pylint: disable=g-import-not-at-top
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8))
+  for i in range(8):
+    seed = tf.constant([i, 3], tf.int64)
+    np.testing.assert_array_equal(augment.policy_fn("autoaugment", 224)(image, seed),
+                                  autoaugment.autoaugment_v0(image, seed))
+    np.testing.assert_array_equal(
+        augment.policy_fn("randaugment", 224, randaugment_num_layers=1,
+                          randaugment_magnitude=5.0)(image, seed),
+        autoaugment.randaugment(image, seed, num_layers=1, magnitude=5.0))
+  with pytest.raises(ValueError, match="autoaugment, randaugment"):
+    augment.policy_fn("none", 224)
+
+
+def test_eval_batches_have_no_aug_view(noise_fashion_dir):
+  config = _aug_config(noise_fashion_dir, "autoaugment")
+  for batch in _eval(config, process_index=0, process_count=1):
+    assert set(batch) == {"image", "label", "mask"}
