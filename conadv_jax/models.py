@@ -8,9 +8,21 @@ split back into exactly that form for every `jit` and `grad` here.
 
 Every model takes raw pixels on the 0-255 scale and normalises inside, so attack budgets are in
 pixels. Calls take `train` (batch statistics vs running averages) and `branch` (which BN set).
+
+Two initialisation and padding conventions (`model_init`):
+* "flax": the Flax examples' ResNet: kernels variance_scaling(2.0, "fan_out", "normal"), every
+  strided convolution padded "SAME" (for a 3x3 kernel at stride 2 on an even size: 0 before, 1
+  after), Flax's default (LeCun normal) head.
+* "reference": the tensorflow/tpu ResNet the paper's code forks (PAPER.md, "Model conventions of
+  the reference"): strided convolutions pad k-1 explicitly, (k-1)//2 before and the rest after,
+  then convolve VALID ("fixed padding"); stride-1 convolutions use SAME; kernels
+  variance_scaling(1.0, "fan_in", "truncated_normal"); head kernel N(0, 0.01), bias 0. Under
+  LARS the initial weight norms act as per-layer learning rates, so the LR table of the paper
+  assumes these.
+Both start the last BN of each residual block at γ = 0, and have the same parameter shapes.
 """
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +32,49 @@ import ml_collections
 from conadv_jax import norm
 from conadv_jax.datasets import DatasetSpec
 
+MODEL_INITS = ("flax", "reference")  # See the module docstring.
+
+
+def fixed_padding(kernel_size: Sequence[int]) -> list[tuple[int, int]]:
+  """The reference's padding of a strided convolution: k-1 in all, (k-1)//2 of it before.
+
+  Unlike "SAME", it does not depend on the input size, so a 3x3 stride-2 convolution sees the
+  same border on every side (SAME puts the whole pixel after on even sizes).
+  """
+  return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_size]
+
+
+def conv_factory(model_init: str, dtype: Any) -> Callable[..., nn.Conv]:
+  """conv(features, kernel_size, strides=1, *, padding=None, name=None) -> nn.Conv.
+
+  `padding` None picks the convention's padding: fixed padding for strided convolutions under
+  "reference", "SAME" otherwise.
+  """
+  if model_init not in MODEL_INITS:
+    raise ValueError(f"model_init={model_init!r}: choose one of {MODEL_INITS}.")
+  if model_init == "reference":
+    kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+  else:
+    kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+  def conv(features: int, kernel_size: Sequence[int], strides: int | Sequence[int] = 1, *,
+           padding: Any = None, name: str | None = None) -> nn.Conv:
+    strides = (strides,) * len(kernel_size) if isinstance(strides, int) else tuple(strides)
+    if padding is None:
+      padding = (fixed_padding(kernel_size) if model_init == "reference" and max(strides) > 1
+                 else "SAME")
+    return nn.Conv(features, tuple(kernel_size), strides, padding=padding, use_bias=False,
+                   dtype=dtype, kernel_init=kernel_init, name=name)
+
+  return conv
+
+
+def head_factory(model_init: str, num_classes: int, dtype: Any) -> nn.Dense:
+  """The classifier: Flax's default init, or the reference's N(0, 0.01) kernel and zero bias."""
+  if model_init == "reference":
+    return nn.Dense(num_classes, dtype=dtype, kernel_init=nn.initializers.normal(0.01),
+                    bias_init=nn.initializers.zeros, name="head")
+  return nn.Dense(num_classes, dtype=dtype, name="head")
 
 
 class BasicBlock(nn.Module):
@@ -76,11 +131,11 @@ class ResNet(nn.Module):
   bn_branches: Sequence[str] = (norm.MAIN, norm.ADV)
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
+  model_init: str = "flax"  # One of MODEL_INITS: initialisation and padding convention.
 
   @nn.compact
   def __call__(self, x, *, train: bool, branch: str = norm.MAIN):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    conv = conv_factory(self.model_init, self.dtype)
     norm_layer = functools.partial(norm.BranchBatchNorm, branches=tuple(self.bn_branches),
                                    group_size=self.bn_group_size, dtype=self.dtype)
     x = (x - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
@@ -88,7 +143,8 @@ class ResNet(nn.Module):
     if self.small_inputs:
       x = conv(self.width, (3, 3), name="stem_conv")(x)
     else:
-      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+      # (3, 3) is also the fixed padding of a 7x7 kernel: the stem is the same in both conventions.
+      x = conv(self.width, (7, 7), 2, padding=[(3, 3), (3, 3)], name="stem_conv")(x)
     x = nn.relu(norm_layer(name="stem_bn")(x, train=train, branch=branch))
     if not self.small_inputs:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -98,7 +154,7 @@ class ResNet(nn.Module):
         x = self.block_cls(self.width * 2**stage, strides, conv, norm_layer)(
             x, train=train, branch=branch)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+    return head_factory(self.model_init, self.num_classes, self.dtype)(x).astype(jnp.float32)
 
 
 _IMAGENET_RESNETS = {
@@ -118,15 +174,20 @@ SMALL_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
 def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], dtype: str = "float32", bn_group_size: int | None = None,
                  adv_bn: str = "separate", small_resnet_depth: int = 20,
-                 small_resnet_width: int = 16) -> ResNet:
-  """Builds a model by name; `bn_group_size` None/0 normalises over the whole batch it sees."""
+                 small_resnet_width: int = 16, model_init: str = "flax") -> ResNet:
+  """Builds a model by name; `bn_group_size` None/0 normalises over the whole batch it sees.
+
+  `model_init` is one of MODEL_INITS (module docstring).
+  """
+  if model_init not in MODEL_INITS:
+    raise ValueError(f"model_init={model_init!r}: choose one of {MODEL_INITS}.")
   if adv_bn not in ADV_BN_MODES:
     raise ValueError(f"adv_bn={adv_bn!r}: choose one of {ADV_BN_MODES}.")
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}.")
   common = dict(num_classes=num_classes, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std),
                 bn_branches=(norm.MAIN, norm.ADV) if adv_bn == "separate" else (norm.MAIN,),
-                bn_group_size=bn_group_size or None, dtype=jnp.dtype(dtype))
+                bn_group_size=bn_group_size or None, dtype=jnp.dtype(dtype), model_init=model_init)
   if name in _IMAGENET_RESNETS:
     stages, block = _IMAGENET_RESNETS[name]
     return ResNet(stage_sizes=stages, block_cls=block, **common)
@@ -152,7 +213,8 @@ def create_model_from_config(config: ml_collections.ConfigDict, spec: DatasetSpe
   return create_model(
       config.model, num_classes=spec.num_classes, pixel_mean=spec.pixel_mean,
       pixel_std=spec.pixel_std, dtype=config.dtype,
-      bn_group_size=per_device_bn_group_size(config.bn_group_size, config.batch_size,
+      bn_group_size=per_device_bn_group_size(config.bn_group_size,
+                                             config.batch_size // config.grad_accum_steps,
                                              num_devices),
       adv_bn=config.adv_bn, small_resnet_depth=config.small_resnet_depth,
-      small_resnet_width=config.small_resnet_width)
+      small_resnet_width=config.small_resnet_width, model_init=config.model_init)

@@ -51,6 +51,7 @@ CASES = [
     (["--config.randaugment_magnitude=10.5"], "randaugment_magnitude"),
     (["--config.small_resnet_width=0"], "small_resnet_width"),
     (["--config.small_resnet_depth=7"], "small_resnet_depth"),
+    (["--config.model_init=tf"], "model_init"),
     (["--config.lr_schedule=step"], "lr_schedule"),
     (["--config.lr_decay_power=0"], "lr_decay_power"),
     (["--config.end_learning_rate=1.0"], "end_learning_rate"),  # Above the peak of 0.05.

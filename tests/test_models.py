@@ -1,10 +1,14 @@
-"""Model sizes, ghost BN, branch BN, and input normalisation from the dataset registry."""
+"""Model sizes, ghost BN, branch BN, input normalisation, and the two init/padding conventions."""
 import dataclasses
+import hashlib
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from conadv_jax import datasets, models, norm, parallel
 from configs import cpu_smoke
@@ -152,3 +156,175 @@ def test_model_normalises_inputs_with_the_spec_statistics():
   normalised = (x - np.array(spec.pixel_mean, np.float32)) / np.array(spec.pixel_std, np.float32)
   np.testing.assert_allclose(model.apply(variables, x, train=False),
                              plain.apply(variables, normalised, train=False), rtol=1e-5, atol=1e-5)
+
+
+# --- Initialisation and padding conventions (model_init). ---
+
+
+def init_variables(model, image_shape, seed: int = 0):
+  """Real (not abstract) variables; jitted, which compiles faster than eager init on CPU."""
+  return jax.jit(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros(image_shape),
+                                    train=False))()
+
+
+def digest(tree) -> str:
+  """sha256 over every leaf's path and float32 bytes, in path order."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()
+
+
+# Recorded at commit c81da09, before model_init existed, with this venv's JAX 0.10.2 (a JAX
+# upgrade that changes its PRNG would need them re-recorded from that commit).
+FLAX_INIT_DIGESTS = {
+    "SmallResNet": ("6247d27d1b34bdd97189793ba6c139f4d506b88286a0a4a67b7cdaa2d3dc37de",
+                    "8fcd348c84c89b70f851e0b964fa1fefc0ff88593f173af0f57d1b10c4cf2a5b"),
+    "ResNet18": ("38c9e4184ca34a8c9a7ee44262b1d20cb92d5065f100cc2b6e51d656d0ac340c",
+                 "fb8b551b9092213fe742ba2bbd51e55241f0c7d459ba237d3dec487711702110"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAX_INIT_DIGESTS))
+def test_flax_init_is_bit_identical_to_before_model_init_existed(name):
+  kwargs, shape = ((dict(small_resnet_depth=8, small_resnet_width=4), (2, 8, 8, 3))
+                   if name == "SmallResNet" else ({}, (1, 32, 32, 3)))
+  assert models.create_model(name, num_classes=10, **stats(), **kwargs).model_init == "flax"
+  model = models.create_model(name, num_classes=10, model_init="flax", **stats(), **kwargs)
+  variables = init_variables(model, shape)
+  assert (digest(variables["params"]),
+          digest(variables["batch_stats"])) == FLAX_INIT_DIGESTS[name]
+
+
+def record_convs(model, variables, x):
+  """[(nn.Conv module, its input, its output, its kernel)] for every convolution of a forward."""
+  modules = []
+
+  def forward(variables, x):
+    arrays = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+        modules.append(context.module.clone(parent=None))  # Its settings, read at trace time.
+        arrays.append((args[0], out, context.module.variables["params"]["kernel"]))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      model.apply(variables, x, train=False)
+    return arrays
+
+  arrays = jax.jit(forward)(variables, x)  # One compile instead of hundreds of eager ops.
+  return [(m, *a) for m, a in zip(modules, arrays)]
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TensorFlow/XLA "SAME": output ceil(size/stride), the odd pixel of padding after."""
+  total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv_by_hand(x, kernel, stride: int, pads: list[tuple[int, int]]):
+  """jnp.pad with zeros, then a VALID convolution."""
+  padded = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  return jax.lax.conv_general_dilated(padded, kernel, (stride, stride), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# ResNet50: ImageNet stem and bottleneck blocks; SmallResNet: basic blocks and the 3x3 stem.
+@pytest.mark.parametrize("name", ["ResNet50", "SmallResNet"])
+@pytest.mark.parametrize("model_init", models.MODEL_INITS)
+def test_every_convolution_pads_as_its_convention_says(name, model_init):
+  """Reference: strided convs pad k-1 as ((k-1)//2, rest), then VALID; stride 1: SAME. Flax: SAME.
+
+  Both: the ImageNet stem pads (3, 3). Checked against jnp.pad + VALID on every conv's input.
+  """
+  kwargs, shape = ((dict(small_resnet_depth=8, small_resnet_width=4), (1, 16, 16, 3))
+                   if name == "SmallResNet" else ({}, (1, 32, 32, 3)))
+  model = models.create_model(name, num_classes=5, model_init=model_init, **stats(), **kwargs)
+  variables = init_variables(model, shape)
+  x = np.random.RandomState(0).uniform(0, 255, shape).astype(np.float32)
+  calls = record_convs(model, variables, x)
+  strided_3x3 = 0
+  for module, inputs, output, kernel in calls:
+    (k, _), (stride, _) = module.kernel_size, module.strides
+    size = inputs.shape[1]
+    if module.name == "stem_conv" and k == 7:
+      pad = (3, 3)
+    elif model_init == "reference" and stride > 1:
+      pad = ((k - 1) // 2, (k - 1) - (k - 1) // 2)
+    else:
+      pad = same_padding(size, k, stride)
+    want = conv_by_hand(inputs, kernel, stride, [pad, pad])
+    np.testing.assert_allclose(output, want, rtol=1e-4, atol=1e-4, err_msg=module.name)
+    if k == 3 and stride == 2:
+      strided_3x3 += 1
+      assert size % 2 == 0  # Where SAME pads (0, 1) but fixed padding (1, 1): they differ.
+      other = (1, 1) if model_init == "flax" else same_padding(size, k, stride)
+      assert not np.allclose(output, conv_by_hand(inputs, kernel, stride, [other, other]),
+                             atol=1e-3)
+  assert strided_3x3 >= 2
+
+
+def kernels(params):
+  """{path: kernel} for every conv kernel (4-d) of a parameter tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves if np.ndim(v) == 4}
+
+
+def test_reference_init_statistics():
+  """Conv kernels: variance_scaling(1, fan_in, truncated normal); head N(0, 0.01), zero bias.
+
+  TensorFlow's variance_scaling draws from a normal of std sqrt(1/fan_in)/c truncated to +-2 of
+  its stds, where c is the std of a standard normal truncated to [-2, 2], so the kernel's std is
+  sqrt(1/fan_in) and no entry exceeds 2 sqrt(1/fan_in)/c. c comes from scipy here.
+  """
+  c = scipy.stats.truncnorm(-2, 2).std()
+  model = models.create_model("ResNet18", num_classes=1000, model_init="reference", **stats())
+  params = init_variables(model, (1, 32, 32, 3))["params"]
+  checked = 0
+  for path, kernel in kernels(params).items():
+    kh, kw, cin, cout = kernel.shape
+    fan_in = kh * kw * cin
+    if kernel.size < 30_000:  # Too few draws for a 3 % check on the std.
+      continue
+    np.testing.assert_allclose(kernel.std(), math.sqrt(1 / fan_in), rtol=0.03, err_msg=path)
+    assert np.abs(kernel).max() <= 2 * math.sqrt(1 / fan_in) / c * (1 + 1e-6), path
+    # An untruncated normal with the same std puts 2.3 % of its mass beyond that bound.
+    assert abs(kernel.mean()) < 5 * kernel.std() / math.sqrt(kernel.size), path
+    checked += 1
+    if fan_in != kh * kw * cout:  # fan_in and fan_out differ: the std tells which one is used.
+      assert abs(kernel.std() - math.sqrt(1 / (kh * kw * cout))) > 0.1 * kernel.std(), path
+  assert checked >= 8
+  head = params["head"]
+  np.testing.assert_allclose(head["kernel"].std(), 0.01, rtol=0.01)
+  assert abs(float(head["kernel"].mean())) < 5 * 0.01 / math.sqrt(head["kernel"].size)
+  np.testing.assert_array_equal(head["bias"], 0)
+  block = params["BasicBlock_0"]  # BN: γ = 1, except the last BN of each block (γ = 0).
+  np.testing.assert_array_equal(block["BranchBatchNorm_0"]["bn_main"]["scale"], 1)
+  np.testing.assert_array_equal(block["BranchBatchNorm_1"]["bn_main"]["scale"], 0)
+
+
+def test_reference_resnet50_has_the_reference_parameter_count_and_shapes():
+  shapes = {}
+  for model_init in models.MODEL_INITS:
+    model = models.create_model("ResNet50", num_classes=1000, adv_bn="shared",
+                                model_init=model_init, **stats())
+    shapes[model_init] = jax.tree.map(lambda x: x.shape, init_shapes(model, (224, 224, 3)))
+  assert count(init_shapes(model, (224, 224, 3))["params"]) == 25_557_032
+  assert shapes["reference"] == shapes["flax"]
+
+
+def test_unknown_model_init_is_rejected_with_the_choices():
+  with pytest.raises(ValueError, match="reference"):
+    models.create_model("ResNet18", num_classes=10, model_init="tf", **stats())
+
+
+@pytest.mark.parametrize("model_init", models.MODEL_INITS)
+def test_model_from_config_reads_model_init(model_init):
+  config = cpu_smoke.get_config("conadv")
+  config.model_init = model_init
+  model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=1)
+  assert model.model_init == model_init
