@@ -107,6 +107,8 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "eval_adversarial": (_BOOL, _ANY),
     "eval_pgd_steps": (_INT, _at_least(0)),
     "eval_pgd_epsilon": (_FLOAT, _at_least(0, "number of pixels ")),
+    "sharpness_num_examples": (_INT, _at_least(0)),
+    "sharpness_iterations": (_INT, _at_least(1)),
     "prefetch_to_device": (_INT, _at_least(0)),
     "fifo_memory_limit_gib": (_FLOAT, _at_least(0)),
     "profile_steps": (_INT, _at_least(0)),

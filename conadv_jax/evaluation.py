@@ -13,6 +13,7 @@ Two adversarial numbers, for two questions:
                in the ε-ball (Madry et al.'s recipe): a model-independent yardstick, so methods
                trained with different attacks (or none) are compared under the same threat.
 """
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import jax
@@ -175,3 +176,34 @@ def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[Batch]) -
     raise ValueError("Evaluation saw no examples; check the eval split and eval_batch_size.")
   means = {k: float(np.asarray(v)) / count for k, v in totals.items()}
   return means | {"num_examples": int(count)}
+
+
+def train_subset(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                 num_examples: int) -> Batch:
+  """The first `num_examples` of the train split, un-augmented, in split order (numpy).
+
+  A fixed set of training examples, the same for every run, batch size, seed and process count
+  (every process reads them all), for measurements of the training loss at the final
+  parameters such as its Hessian's top eigenvalue. Read by the eval pipeline pointed at the train
+  split: eval preprocessing, no shuffle, no augmentation.
+
+  Raises:
+    ValueError: the train split has fewer than `num_examples` examples.
+  """
+  if num_examples > info.num_train_examples:
+    raise ValueError(f"{num_examples} training examples asked for; {config.dataset} has "
+                     f"{info.num_train_examples}.")
+  as_eval = dataclasses.replace(
+      info, spec=dataclasses.replace(info.spec, eval_split=info.spec.train_split),
+      # Generated data numbers eval examples after the train ones; start from 0 instead.
+      num_train_examples=0, num_eval_examples=info.num_train_examples)
+  images, labels, count = [], [], 0
+  for batch in input_pipeline.eval_batches(config, as_eval, process_index=0, process_count=1):
+    real = batch["mask"] > 0
+    images.append(batch["image"][real])
+    labels.append(batch["label"][real])
+    count += int(real.sum())
+    if count >= num_examples:
+      break
+  return {"image": np.concatenate(images)[:num_examples],
+          "label": np.concatenate(labels)[:num_examples]}

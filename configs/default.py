@@ -100,6 +100,12 @@ def get_config() -> ml_collections.ConfigDict:
   # training attack's 9. 0 steps: off. Each step costs one forward/backward over the eval split.
   config.eval_pgd_steps = 10
   config.eval_pgd_epsilon = 8.0
+  # Final parameters only: the top eigenvalue of the training loss's Hessian (BN in inference
+  # mode) by power iteration on the first `sharpness_num_examples` un-augmented training
+  # examples; results.json's sharpness.top_hessian_eigenvalue. 0: off (it costs about
+  # 2 x iterations forward/backward passes over the subset); studies use >= 2,048.
+  config.sharpness_num_examples = 0
+  config.sharpness_iterations = 20
   config.prefetch_to_device = 2
   # Largest adversarial FIFO per device, in GiB; 0: half the device's memory (unchecked on CPU).
   config.fifo_memory_limit_gib = 0.0

@@ -2,8 +2,11 @@
 
 Layouts: device and process counts, eval_batch_size, padding.
 """
+import itertools
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -330,3 +333,35 @@ def test_robust_eval_does_not_depend_on_eval_batch_size(adversarial_eval):
   assert not np.array_equal(real_rows_adversarial(train_attack, state,
                                                   padded_batches(images, labels, 4)),
                             adversarial[4])
+
+
+# --- The fixed training subset of final-parameter measurements (sharpness). ---
+
+
+def _rows(images: np.ndarray) -> list[bytes]:
+  return [np.asarray(row, np.float32).tobytes() for row in images]
+
+
+def test_train_subset_is_the_first_training_examples_whatever_the_batching():
+  config = cpu_smoke.get_config("conadv")  # 256 synthetic train examples, 64 eval ones.
+  info = input_pipeline.get_dataset_info(config)
+  subset = evaluation.train_subset(config, info, 40)
+  assert subset["image"].shape == (40, *info.image_shape) and subset["label"].shape == (40,)
+  # Training examples (all 256 are in the first epoch's 8 batches), none of the eval split.
+  epoch = list(itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
+                                                             process_count=1), 8))
+  train_rows = set(_rows(np.concatenate([b["image"] for b in epoch])))
+  eval_rows = set(_rows(np.concatenate(
+      [b["image"][b["mask"] > 0] for b in input_pipeline.eval_batches(
+          config, info, process_index=0, process_count=1)])))
+  assert set(_rows(subset["image"])) <= train_rows
+  assert not set(_rows(subset["image"])) & eval_rows
+  # Fixed: the same for another eval batch size, and a prefix of a larger subset.
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.eval_batch_size = 7
+  for again in (evaluation.train_subset(other, info, 40),
+                {k: v[:40] for k, v in evaluation.train_subset(config, info, 100).items()}):
+    np.testing.assert_array_equal(again["image"], subset["image"])
+    np.testing.assert_array_equal(again["label"], subset["label"])
+  with pytest.raises(ValueError, match="has 256"):
+    evaluation.train_subset(config, info, 257)
