@@ -26,10 +26,11 @@ as the real imagenet2012, without needing the 150 GB original.
      all threads, tf.data's included) / images; the median over repeats;
    * the fetch time of every batch (`next(iterator)`, nothing else between fetches, so the
      consumer never waits on anything but the pipeline: the input-bound case) and, for train,
-     the fetch time of the first batch of each new epoch against the median fetch time
-     (`boundary_ratio` = worst boundary / median; target <= 1.5). The train iterator is one
-     stream over warmup + all repeats, as in training, so --steps * --repeats batches cross
-     several epoch boundaries when steps_per_epoch = num_train // global batch is small.
+     the fetch time of each batch that holds the first example of a new epoch against the
+     median fetch time (`boundary_ratio` = worst boundary / median; target <= 1.5). The train
+     iterator is one stream over warmup + all repeats, as in training, so --steps * --repeats
+     batches cross several epoch boundaries when the pipeline's steps_per_epoch (N // B where
+     epochs drop their last partial batch, N / B where batches run on across epochs) is small.
      For eval, every pass builds its pipeline anew, so the first batch of each pass plays the
      boundary's role (informational; the 1.5x target is for train);
    * the process CPU seconds spent during each fetch (`*_fetch_cpu_s`): on a shared machine
@@ -67,8 +68,10 @@ Example (the run in docs/performance.md):
 """
 import dataclasses
 import datetime
+import fractions
 import hashlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -338,12 +341,24 @@ class _Timings:
     }
 
 
+def _starts_epoch(step: int, steps_per_epoch: float) -> bool:
+  """Whether batch `step` holds the first example of an epoch other than the first.
+
+  Pipelines that drop each epoch's last partial batch have a whole number of steps per epoch,
+  and epochs start at multiples of it; pipelines that run on across epochs have N / B steps, and
+  an epoch may start inside a batch. Exact rationals: N / B has a denominator <= B <= 2**31.
+  """
+  per_epoch = fractions.Fraction(steps_per_epoch).limit_denominator(2**31)
+  epoch = max(math.ceil(step / per_epoch), 1)  # The first epoch starting at or after `step`.
+  return epoch * per_epoch < step + 1
+
+
 class MissingKeyError(Exception):
   """The pipeline's batches lack a key the run needs (a config field it does not implement)."""
 
 
 def measure_train(name: str, config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
-                  steps_per_epoch: int, required_key: str = "image") -> dict[str, Any]:
+                  steps_per_epoch: float, required_key: str = "image") -> dict[str, Any]:
   """Times one continuous train stream: --warmup batches, then --repeats x --steps batches.
 
   Raises:
@@ -364,8 +379,7 @@ def measure_train(name: str, config: ml_collections.ConfigDict, info: input_pipe
     images = 0
     cpu_start, wall_start = _cpu_s(), time.perf_counter()
     for _ in range(FLAGS.steps):
-      new_epoch = step > 0 and step % steps_per_epoch == 0
-      batch = timings.fetch(batches, step if new_epoch else None)
+      batch = timings.fetch(batches, step if _starts_epoch(step, steps_per_epoch) else None)
       images += len(batch["label"])
       step += 1
     timings.repeat_wall_s.append(time.perf_counter() - wall_start)
