@@ -171,22 +171,36 @@ ADV_BN_MODES = ("separate", "shared")  # Own BN for adversarial examples, or the
 SMALL_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
 
 
+def bn_branches(adv_bn: str = "separate", *, adversarial: bool = True,
+                aug: bool = False) -> tuple[str, ...]:
+  """The BN sets a model needs: main, then adv (own adversarial BN), then aug (augmented view).
+
+  `adversarial` False (vanilla: no attack in training) drops the adv set whatever `adv_bn`
+  says: it would never see an example, and evaluation reads main only. Branch "adv" on a model
+  without its set uses main (norm.BranchBatchNorm).
+  """
+  if adv_bn not in ADV_BN_MODES:
+    raise ValueError(f"adv_bn={adv_bn!r}: choose one of {ADV_BN_MODES}.")
+  return ((norm.MAIN,) + ((norm.ADV,) if adversarial and adv_bn == "separate" else ()) +
+          ((norm.AUG,) if aug else ()))
+
+
 def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], dtype: str = "float32", bn_group_size: int | None = None,
-                 adv_bn: str = "separate", small_resnet_depth: int = 20,
-                 small_resnet_width: int = 16, model_init: str = "flax") -> ResNet:
+                 adv_bn: str = "separate", adversarial: bool = True, aug_bn: bool = False,
+                 small_resnet_depth: int = 20, small_resnet_width: int = 16,
+                 model_init: str = "flax") -> ResNet:
   """Builds a model by name; `bn_group_size` None/0 normalises over the whole batch it sees.
 
-  `model_init` is one of MODEL_INITS (module docstring).
+  `model_init` is one of MODEL_INITS (module docstring). The BN sets are
+  bn_branches(adv_bn, adversarial=adversarial, aug=aug_bn).
   """
   if model_init not in MODEL_INITS:
     raise ValueError(f"model_init={model_init!r}: choose one of {MODEL_INITS}.")
-  if adv_bn not in ADV_BN_MODES:
-    raise ValueError(f"adv_bn={adv_bn!r}: choose one of {ADV_BN_MODES}.")
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}.")
   common = dict(num_classes=num_classes, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std),
-                bn_branches=(norm.MAIN, norm.ADV) if adv_bn == "separate" else (norm.MAIN,),
+                bn_branches=bn_branches(adv_bn, adversarial=adversarial, aug=aug_bn),
                 bn_group_size=bn_group_size or None, dtype=jnp.dtype(dtype), model_init=model_init)
   if name in _IMAGENET_RESNETS:
     stages, block = _IMAGENET_RESNETS[name]
@@ -209,12 +223,17 @@ def per_device_bn_group_size(bn_group_size: int | None, global_batch: int,
 
 def create_model_from_config(config: ml_collections.ConfigDict, spec: DatasetSpec,
                              num_devices: int) -> ResNet:
-  """The model a config describes for dataset `spec`, with BN groups resolved for `num_devices`."""
+  """The model a config describes for dataset `spec`, with BN groups resolved for `num_devices`.
+
+  Its BN sets are the ones the config's method uses: no adv set for vanilla, an aug set when
+  config.aug_branch is on (bn_branches).
+  """
   return create_model(
       config.model, num_classes=spec.num_classes, pixel_mean=spec.pixel_mean,
       pixel_std=spec.pixel_std, dtype=config.dtype,
       bn_group_size=per_device_bn_group_size(config.bn_group_size,
                                              config.batch_size // config.grad_accum_steps,
                                              num_devices),
-      adv_bn=config.adv_bn, small_resnet_depth=config.small_resnet_depth,
+      adv_bn=config.adv_bn, adversarial=config.method != "vanilla",  # conadv.METHODS.
+      aug_bn=config.aug_branch != "none", small_resnet_depth=config.small_resnet_depth,
       small_resnet_width=config.small_resnet_width, model_init=config.model_init)

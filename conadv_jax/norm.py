@@ -8,7 +8,9 @@ Two things large-batch adversarial training needs that `flax.linen.BatchNorm` do
   the result independent of how many devices share the batch, and keeps the reduction local when
   the group size divides the per-device batch.
 * Branches (AdvProp's auxiliary BN): clean examples use the "main" BN, adversarial ones the "adv"
-  BN, each with its own scale, bias and running averages. Evaluation uses "main" only.
+  BN, and the AutoAugment view of the three-branch recipe the "aug" BN, each with its own scale,
+  bias and running averages: the three input distributions differ, and one set of statistics
+  for their mixture would fit none of them (AdvProp). Evaluation uses "main" only.
 """
 from collections.abc import Sequence
 from typing import Any
@@ -71,10 +73,12 @@ class GhostBatchNorm(nn.Module):
 
 
 class BranchBatchNorm(nn.Module):
-  """One GhostBatchNorm per branch; a branch not in `branches` falls back to the first one.
+  """One GhostBatchNorm per branch in `branches`; the first one (main) also serves "adv" if absent.
 
-  With branches=("main",) the adversarial examples share the clean BN ("shared"); with
-  ("main", "adv") they get their own ("separate").
+  Without "adv" in `branches` the adversarial examples share the clean BN ("shared", or a
+  method that makes none); with it they get their own ("separate"). Any other branch must be
+  listed: an "aug" view normalised by the main BN because the model was built without its set
+  would train silently on the wrong statistics, so it raises instead.
   """
   branches: Sequence[str] = (MAIN, ADV)
   group_size: int | None = None
@@ -92,5 +96,11 @@ class BranchBatchNorm(nn.Module):
     if self.is_initializing():  # Create every branch's variables, whichever branch is asked for.
       for norm in norms.values():
         norm(x, use_running_average=not train)
-    chosen = norms.get(branch, norms[self.branches[0]])
+    if branch in norms:
+      chosen = norms[branch]
+    elif branch == ADV:
+      chosen = norms[self.branches[0]]
+    else:
+      raise ValueError(f"BatchNorm branch {branch!r} is not one of this model's {tuple(norms)}; "
+                       "build the model with the branches the method uses (models.bn_branches).")
     return chosen(x, use_running_average=not train)

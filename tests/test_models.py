@@ -328,3 +328,104 @@ def test_model_from_config_reads_model_init(model_init):
   config.model_init = model_init
   model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=1)
   assert model.model_init == model_init
+
+
+# --- BN branches: main, adv, aug. ---
+
+
+def bn_sets(variables) -> set[str]:
+  """The BN sets of the stem BN (every BranchBatchNorm has the same ones)."""
+  return set(variables["params"]["stem_bn"])
+
+
+# (method, adv_bn, aug_branch) -> the BN sets the model must have, written from the recipe: the
+# adversarial examples get their own set only when a method makes some and adv_bn is separate;
+# the augmented view always gets its own.
+BRANCH_CASES = [
+    ("conadv", "separate", "none", {"bn_main", "bn_adv"}),
+    ("conadv", "shared", "none", {"bn_main"}),
+    ("conadv", "separate", "autoaugment", {"bn_main", "bn_adv", "bn_aug"}),
+    ("conadv", "shared", "randaugment", {"bn_main", "bn_aug"}),
+    ("disadv", "separate", "autoaugment", {"bn_main", "bn_adv", "bn_aug"}),
+    ("vanilla", "separate", "autoaugment", {"bn_main", "bn_aug"}),
+    ("vanilla", "separate", "none", {"bn_main"}),
+    ("vanilla", "shared", "none", {"bn_main"}),
+]
+
+
+@pytest.mark.parametrize("method,adv_bn,aug_branch,want", BRANCH_CASES,
+                         ids=["-".join(c[:3]) for c in BRANCH_CASES])
+def test_model_from_config_has_the_bn_sets_its_method_uses(method, adv_bn, aug_branch, want):
+  config = cpu_smoke.get_config("conadv")
+  config.method, config.adv_bn, config.aug_branch = method, adv_bn, aug_branch
+  config.staleness = 1 if method == "conadv" else 0
+  model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=1)
+  variables = init_shapes(model, (16, 16, 3))
+  assert bn_sets(variables) == want
+  assert set(variables["batch_stats"]["stem_bn"]) == want
+
+
+def test_aug_set_adds_exactly_one_bn_set_to_resnet50():
+  counts = {}
+  for adv_bn in models.ADV_BN_MODES:
+    for aug in (False, True):
+      model = models.create_model("ResNet50", num_classes=1000, adv_bn=adv_bn, aug_bn=aug,
+                                  **stats())
+      counts[adv_bn, aug] = count(init_shapes(model, (224, 224, 3))["params"])
+  one_bn_set = 53_120  # 2 x the 26,560 BN channels of ResNet-50.
+  assert counts["shared", False] == 25_557_032
+  assert counts["shared", True] == counts["separate", False] == 25_557_032 + one_bn_set
+  assert counts["separate", True] == 25_557_032 + 2 * one_bn_set
+
+
+def swap_bn_sets(tree, a: str, b: str):
+  """`tree` with BN sets `a` and `b` exchanged in every BranchBatchNorm."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: swap_bn_sets(v, a, b) for k, v in tree.items()}
+  if f"bn_{a}" in out and f"bn_{b}" in out:
+    out[f"bn_{a}"], out[f"bn_{b}"] = out[f"bn_{b}"], out[f"bn_{a}"]
+  return out
+
+
+def test_aug_branch_uses_its_own_scale_bias_and_statistics():
+  model = models.create_model("SmallResNet", num_classes=3, aug_bn=True, **stats("synthetic"),
+                              small_resnet_depth=8, small_resnet_width=4)
+  x = np.random.RandomState(0).uniform(0, 255, (8, 8, 8, 3)).astype(np.float32)
+  variables = init_variables(model, (8, 8, 8, 3))
+  # Give the aug set values of its own, so that using another set would show.
+  rng = np.random.RandomState(1)
+  def perturb(path, leaf):
+    if "bn_aug" not in jax.tree_util.keystr(path):
+      return leaf
+    return leaf + rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(perturb, variables)
+  swapped = swap_bn_sets(variables, "main", "aug")
+
+  # Training: aug's scale and bias; only aug's running averages move.
+  logits, updated = model.apply(variables, x, train=True, branch="aug", mutable=["batch_stats"])
+  want, _ = model.apply(swapped, x, train=True, branch="main", mutable=["batch_stats"])
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  old, new = variables["batch_stats"]["stem_bn"], updated["batch_stats"]["stem_bn"]
+  for b in ("bn_main", "bn_adv"):
+    np.testing.assert_array_equal(new[b]["mean"], old[b]["mean"])
+  assert not np.allclose(new["bn_aug"]["mean"], old["bn_aug"]["mean"])
+  # Inference on branch aug reads aug's running averages; evaluation (main) ignores them.
+  np.testing.assert_allclose(model.apply(variables, x, train=False, branch="aug"),
+                             model.apply(swapped, x, train=False), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(model.apply(variables, x, train=False, branch="aug"),
+                         model.apply(variables, x, train=False), atol=1e-3)
+  perturbed = {"params": variables["params"], "batch_stats": updated["batch_stats"]}
+  np.testing.assert_array_equal(model.apply(variables, x, train=False),
+                                model.apply(perturbed, x, train=False))
+
+
+def test_branch_without_a_bn_set_is_refused_except_adv_which_shares_main():
+  model = models.create_model("SmallResNet", num_classes=3, adv_bn="shared", **stats("synthetic"),
+                              small_resnet_depth=8, small_resnet_width=4)
+  x = np.random.RandomState(0).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+  variables = init_variables(model, (4, 8, 8, 3))
+  np.testing.assert_array_equal(model.apply(variables, x, train=False, branch="adv"),
+                                model.apply(variables, x, train=False, branch="main"))
+  with pytest.raises(ValueError, match="'aug'.*models.bn_branches"):
+    model.apply(variables, x, train=False, branch="aug")
