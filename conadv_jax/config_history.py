@@ -18,7 +18,8 @@ import ml_collections
 
 # Fields that decide which examples, and which pixels, batch t holds.
 DATA_ORDER_FIELDS = ("dataset", "seed", "batch_size", "image_size", "augment", "cache",
-                     "shuffle_buffer_size", "synthetic_num_examples", "synthetic_num_classes")
+                     "shuffle_buffer_size", "synthetic_num_examples", "synthetic_num_classes",
+                     "aug_branch", "randaugment_num_layers", "randaugment_magnitude")
 # Fields that decide what one step computes; the steps already taken used the saved values.
 STEP_MEANING_FIELDS = ("method", "staleness")
 # Changing these recomputes the learning-rate schedule for the new length.

@@ -37,10 +37,17 @@ class Experiment:
   method: conadv.MethodConfig
   tx: optax.GradientTransformation
   learning_rate_fn: optax.Schedule
-  steps_per_epoch: int
+  steps_per_epoch: float  # N / B: epochs are fractional, the schedules count in them.
   total_steps: int
   init_fn: Callable[[], conadv.TrainState]
   state_shape: conadv.TrainState  # ShapeDtypeStructs.
+
+  @property
+  def eval_every_steps(self) -> int:
+    """config.eval_every_steps, or once per epoch (rounded to a whole step) when it is -1."""
+    if self.config.eval_every_steps > 0:
+      return self.config.eval_every_steps
+    return max(round(self.steps_per_epoch), 1)
 
   @property
   def batch_shape(self) -> tuple[int, ...]:

@@ -54,12 +54,12 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: len(np.shape(x)) > 1, params)
 
 
-def total_train_steps(config: Any, steps_per_epoch: int) -> int:
+def total_train_steps(config: Any, steps_per_epoch: float) -> int:
   """Returns the number of optimizer steps of the run; schedules need it up front.
 
   Args:
     config: reads `num_train_steps` (used if > 0) and `num_epochs`.
-    steps_per_epoch: optimizer steps per pass over the training set.
+    steps_per_epoch: optimizer steps per pass over the training set, N / B (fractional).
 
   Raises:
     ValueError: if neither `num_train_steps` nor `num_epochs * steps_per_epoch` is positive.
@@ -76,7 +76,7 @@ def total_train_steps(config: Any, steps_per_epoch: int) -> int:
   return steps
 
 
-def create_learning_rate_schedule(config: Any, steps_per_epoch: int,
+def create_learning_rate_schedule(config: Any, steps_per_epoch: float,
                                   total_steps: int) -> optax.Schedule:
   """Returns linear warmup from 0 to the peak, then decay to `end_learning_rate`.
 
@@ -135,7 +135,7 @@ def _lamb(learning_rate: optax.Schedule, b1: float, weight_decay: float,
   )
 
 
-def create_optimizer(config: Any, steps_per_epoch: int,
+def create_optimizer(config: Any, steps_per_epoch: float,
                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, learning-rate schedule); the schedule is also handy for logging.
 

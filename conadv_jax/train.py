@@ -241,7 +241,7 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
     batches = itertools.chain(first, batches)
   stream = with_lookahead(batches, exp.method.staleness)
 
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else exp.steps_per_epoch
+  eval_every = exp.eval_every_steps
   report_progress = periodic_actions.ReportProgress(num_train_steps=exp.total_steps,
                                                     writer=writer)
   hooks = [report_progress]
@@ -355,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       try:
         if not run.resumed:
           parameter_overview.log_parameter_overview(run.state.params)
-        logging.info("%s %s, %d steps (%d per epoch), %s from step %d on %d devices.",
+        logging.info("%s %s, %d steps (%.2f per epoch), %s from step %d on %d devices.",
                      config.method, config.model, exp.total_steps, exp.steps_per_epoch,
                      "resuming" if run.resumed else "starting", run.step, jax.device_count())
         stop = _train(exp, run, checkpointer, writer, lock)

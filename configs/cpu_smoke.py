@@ -4,7 +4,8 @@
 
 Synthetic data, a width-4 SmallResNet, 12 steps with a checkpoint every 4 and evals at 6 and 12.
 Expected: finishes, writes results.json; accuracy is chance level (the labels are random).
-Presets: vanilla, disadv, conadv (default), conadv2.
+Presets: vanilla, disadv, conadv (default), conadv2, and conadv_aa: ConAdv with the AutoAugment
+view (three branches, losses averaged as in the ImageNet recipe).
 """
 import ml_collections
 
@@ -31,4 +32,8 @@ def get_config(preset: str = "conadv") -> ml_collections.ConfigDict:
   config.eval_every_steps = 6
   config.checkpoint_every_steps = 4
   config.shuffle_buffer_size = 256
+  if preset == "conadv_aa":
+    config.aug_branch = "autoaugment"
+    config.loss_weighting = "mean"
+    preset = "conadv"
   return common.set_method(config, preset)

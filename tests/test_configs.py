@@ -8,14 +8,17 @@ import ml_collections
 import pytest
 
 from conadv_jax import (config_history, config_validation, datasets, experiment, input_pipeline,
-                        models, parallel)
+                        models, optim, parallel)
 from configs import common, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
 CASES = ([("default", None)] + [(f, p) for f in ("fashion_mnist", "cpu_smoke", "cifar10")
                                 for p in METHOD_PRESETS] +
          [("imagenet_resnet50", f"{m}_{b}") for m in common.METHOD_PRESETS
-          for b in imagenet_resnet50.BATCH_SIZES])
+          for b in imagenet_resnet50.BATCH_SIZES] +
+         [("imagenet_resnet50", f"{m}_aa_{b}") for m in ("conadv", "vanilla")
+          for b in imagenet_resnet50.BATCH_SIZES] +
+         [("cpu_smoke", "conadv_aa")])
 IMAGE_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
                 "imagenet2012": (224, 224, 3)}
 NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet2012": 1000}
@@ -41,7 +44,8 @@ def test_config_validates_and_builds_its_model(name, preset):
   if preset and preset.startswith("conadv"):
     assert config.method == "conadv" and config.staleness >= 1
   if name == "imagenet_resnet50":
-    assert config.batch_size == imagenet_resnet50.BATCH_SIZES[preset.split("_")[1]]
+    assert config.batch_size == imagenet_resnet50.BATCH_SIZES[preset.split("_")[-1]]
+    assert (config.aug_branch == "autoaugment") == ("_aa_" in preset)
 
 
 def test_imagenet_presets_follow_the_reference_recipe_table():
@@ -52,6 +56,56 @@ def test_imagenet_presets_follow_the_reference_recipe_table():
     assert (config.learning_rate, config.warmup_epochs) == (lr, warmup)
     assert config.optimizer == "lars" and config.lr_decay_power == 1.6
   assert imagenet_resnet50.get_config("vanilla_96k").num_train_steps == 1_301
+
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
+  """Steps = round(epochs · N / B) and warmup = round(warmup epochs · N / B), N = 1,281,167.
+
+  The expected numbers are the paper's (PAPER.md: 91 epochs at 32K = 3,558 steps, 64K = 1,779,
+  96K = 1,301 steps) and its warmup table (5 epochs below 32K, 25 at 32K, 41 from 64K).
+  """
+  paper_steps = {"32k": 3_558, "64k": 1_779, "96k": 1_301}
+  paper_warmup_epochs = {"1k": 5, "4k": 5, "8k": 5, "16k": 5, "32k": 25, "64k": 41, "96k": 41}
+  for batch, warmup_epochs in paper_warmup_epochs.items():
+    size = imagenet_resnet50.BATCH_SIZES[batch]
+    for preset in (f"vanilla_{batch}", f"conadv_{batch}", f"conadv_aa_{batch}"):
+      config = imagenet_resnet50.get_config(preset)
+      per_epoch = input_pipeline.steps_per_epoch(config, imagenet_info(config))
+      assert per_epoch == IMAGENET_TRAIN_EXAMPLES / size  # Not floored.
+      total = optim.total_train_steps(config, per_epoch)
+      if batch in paper_steps:
+        assert total == paper_steps[batch], (preset, total)
+      else:
+        assert total == round(91 * IMAGENET_TRAIN_EXAMPLES / size)
+      warmup = round(warmup_epochs * IMAGENET_TRAIN_EXAMPLES / size)
+      schedule = optim.create_learning_rate_schedule(config, per_epoch, total)
+      assert float(schedule(warmup)) == pytest.approx(config.learning_rate, rel=1e-6)
+      assert float(schedule(warmup - 1)) < config.learning_rate * (1 - 0.5 / warmup)
+  # Spelled out for the record: the 96K warmup is 41 · 13.03 = 534 steps.
+  assert round(41 * IMAGENET_TRAIN_EXAMPLES / 98_304) == 534
+
+
+def imagenet_info(config):
+  spec = datasets.get_spec(config)
+  return input_pipeline.DatasetInfo(
+      spec=spec, num_classes=spec.num_classes, image_shape=(224, 224, 3),
+      num_train_examples=spec.num_train_examples, num_eval_examples=spec.num_eval_examples)
+
+
+@pytest.mark.parametrize("preset", ["vanilla_4k", "conadv_32k", "conadv_aa_96k",
+                                    "vanilla_aa_96k", "disadv_64k"])
+def test_imagenet_presets_are_the_reference_run(preset):
+  config = imagenet_resnet50.get_config(preset)
+  assert config.loss_weighting == "mean" and config.model_init == "reference"
+  attack = config.attack
+  assert (attack.epsilon, attack.step_size, attack.num_steps, attack.targeted) == (4.0, 4.0, 1,
+                                                                                  True)
+  assert (attack.random_start, attack.random_start_prob) == ("per_batch", 0.8)
+  assert config.bn_group_size == {"4k": 32, "32k": 32, "64k": 64, "96k": 96}[preset.split("_")[-1]]
+  assert config.label_smoothing == 0.1 and config.dtype == "bfloat16"
 
 
 def test_unknown_preset_names_the_choices():
