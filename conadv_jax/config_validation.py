@@ -64,6 +64,9 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "model": (_STR, _one_of(models.MODEL_NAMES)),
     "small_resnet_depth": (_INT, _one_of(models.SMALL_RESNET_DEPTHS)),
     "small_resnet_width": (_INT, _at_least(1)),
+    # A tuple; a list as read back from a checkpoint's JSON config.
+    "mlp_widths": ((tuple, list), (models.valid_mlp_widths,
+                                   "use a non-empty tuple of positive ints, e.g. (256, 256)")),
     "dtype": (_STR, _one_of(models.DTYPES)),
     "bn_group_size": (_INT + (type(None),),
                       ((lambda v: v is None or v >= 0), "it must be >= 0 (0: per device)")),

@@ -1,4 +1,4 @@
-"""ResNets (v1.5) for ImageNet and a CIFAR-style ResNet for small images, in Flax linen.
+"""ResNets (v1.5) for ImageNet, a CIFAR-style ResNet and an MLP for small images, in Flax linen.
 
 Why linen: ConAdv keeps several things per step that all read the same weights (the clean and the
 adversarial forward, the attack), and DisAdv/ConAdv comparisons want parameter versions side by
@@ -157,6 +157,37 @@ class ResNet(nn.Module):
     return head_factory(self.model_init, self.num_classes, self.dtype)(x).astype(jnp.float32)
 
 
+class MLP(nn.Module):
+  """Flatten, then per hidden width Dense -> branch BN -> ReLU, then a Dense head.
+
+  For CPU-scale studies (docs/study.md), where a batch-size sweep of convolutional networks does
+  not fit the time. The hidden Dense layers have no bias: the BN after each adds one. Their
+  kernels are LeCun normal, Flax's default, which is already the reference's
+  variance_scaling(1, fan_in, truncated normal); `model_init` decides only the head. Parameters:
+  sum_i(d_{i-1} w_i + 2 b w_i) + w_last K + K, with d_0 = H W C, b BN sets and K classes.
+  """
+  widths: Sequence[int]
+  num_classes: int
+  pixel_mean: Sequence[float]  # Per channel, 0-255 scale (datasets.DatasetSpec).
+  pixel_std: Sequence[float]
+  bn_branches: Sequence[str] = (norm.MAIN, norm.ADV)
+  bn_group_size: int | None = None
+  dtype: Any = jnp.float32
+  model_init: str = "flax"
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, branch: str = norm.MAIN):
+    x = (x - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+    for i, width in enumerate(self.widths):
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, name=f"hidden_{i}")(x)
+      x = norm.BranchBatchNorm(branches=tuple(self.bn_branches), group_size=self.bn_group_size,
+                               dtype=self.dtype, name=f"hidden_{i}_bn")(x, train=train,
+                                                                         branch=branch)
+      x = nn.relu(x)
+    return head_factory(self.model_init, self.num_classes, self.dtype)(x).astype(jnp.float32)
+
+
 _IMAGENET_RESNETS = {
     "ResNet18": ([2, 2, 2, 2], BasicBlock),
     "ResNet34": ([3, 4, 6, 3], BasicBlock),
@@ -165,10 +196,16 @@ _IMAGENET_RESNETS = {
     "ResNet152": ([3, 8, 36, 3], BottleneckBlock),
     "ResNet200": ([3, 24, 36, 3], BottleneckBlock),
 }
-MODEL_NAMES = (*_IMAGENET_RESNETS, "SmallResNet")
+MODEL_NAMES = (*_IMAGENET_RESNETS, "SmallResNet", "MLP")
 DTYPES = ("float32", "bfloat16")  # Compute dtypes; parameters stay float32.
 ADV_BN_MODES = ("separate", "shared")  # Own BN for adversarial examples, or the clean one.
 SMALL_RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
+
+
+def valid_mlp_widths(widths: Any) -> bool:
+  """A non-empty tuple (or list, as a config reads back from JSON) of positive ints."""
+  return (isinstance(widths, (tuple, list)) and len(widths) > 0 and
+          all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths))
 
 
 def bn_branches(adv_bn: str = "separate", *, adversarial: bool = True,
@@ -186,14 +223,16 @@ def bn_branches(adv_bn: str = "separate", *, adversarial: bool = True,
 
 
 def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
-                 pixel_std: Sequence[float], dtype: str = "float32", bn_group_size: int | None = None,
-                 adv_bn: str = "separate", adversarial: bool = True, aug_bn: bool = False,
-                 small_resnet_depth: int = 20, small_resnet_width: int = 16,
-                 model_init: str = "flax") -> ResNet:
+                 pixel_std: Sequence[float], dtype: str = "float32",
+                 bn_group_size: int | None = None, adv_bn: str = "separate",
+                 adversarial: bool = True, aug_bn: bool = False, small_resnet_depth: int = 20,
+                 small_resnet_width: int = 16, mlp_widths: Sequence[int] = (256, 256),
+                 model_init: str = "flax") -> ResNet | MLP:
   """Builds a model by name; `bn_group_size` None/0 normalises over the whole batch it sees.
 
   `model_init` is one of MODEL_INITS (module docstring). The BN sets are
-  bn_branches(adv_bn, adversarial=adversarial, aug=aug_bn).
+  bn_branches(adv_bn, adversarial=adversarial, aug=aug_bn). `small_resnet_*` apply to
+  SmallResNet, `mlp_widths` (hidden widths) to MLP.
   """
   if model_init not in MODEL_INITS:
     raise ValueError(f"model_init={model_init!r}: choose one of {MODEL_INITS}.")
@@ -212,6 +251,11 @@ def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
     n = (small_resnet_depth - 2) // 6
     return ResNet(stage_sizes=[n, n, n], block_cls=BasicBlock, width=small_resnet_width,
                   small_inputs=True, **common)
+  if name == "MLP":
+    if not valid_mlp_widths(mlp_widths):
+      raise ValueError(f"mlp_widths={mlp_widths!r}: use a non-empty tuple of positive ints, "
+                       "e.g. (256, 256).")
+    return MLP(widths=tuple(mlp_widths), **common)
   raise ValueError(f"model={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}.")
 
 
@@ -222,7 +266,7 @@ def per_device_bn_group_size(bn_group_size: int | None, global_batch: int,
 
 
 def create_model_from_config(config: ml_collections.ConfigDict, spec: DatasetSpec,
-                             num_devices: int) -> ResNet:
+                             num_devices: int) -> ResNet | MLP:
   """The model a config describes for dataset `spec`, with BN groups resolved for `num_devices`.
 
   Its BN sets are the ones the config's method uses: no adv set for vanilla, an aug set when
@@ -236,4 +280,5 @@ def create_model_from_config(config: ml_collections.ConfigDict, spec: DatasetSpe
                                              num_devices),
       adv_bn=config.adv_bn, adversarial=config.method != "vanilla",  # conadv.METHODS.
       aug_bn=config.aug_branch != "none", small_resnet_depth=config.small_resnet_depth,
-      small_resnet_width=config.small_resnet_width, model_init=config.model_init)
+      small_resnet_width=config.small_resnet_width, mlp_widths=tuple(config.mlp_widths),
+      model_init=config.model_init)

@@ -36,10 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthetic_num_examples = 4_096  # Train split; the eval split has a quarter as many.
   config.synthetic_num_classes = 10
 
-  # Model. `model` is a ResNet name (ResNet18 ... ResNet200) or SmallResNet (28x28 / 32x32).
+  # Model. `model` is a ResNet name (ResNet18 ... ResNet200), SmallResNet (28x28 / 32x32) or MLP.
   config.model = "SmallResNet"
   config.small_resnet_depth = 8  # 6n+2 layers: 8, 14, 20, 26, 32, 44, 56, 110.
   config.small_resnet_width = 16  # Channels of the first stage; doubled per stage.
+  config.mlp_widths = (256, 256)  # MLP only: hidden widths, each Dense -> BN -> ReLU.
   config.dtype = "float32"  # Compute dtype: float32 | bfloat16. Parameters stay float32.
   config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device batch.
   config.adv_bn = "separate"  # separate | shared: BN of the adversarial branch.

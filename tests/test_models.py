@@ -429,3 +429,96 @@ def test_branch_without_a_bn_set_is_refused_except_adv_which_shares_main():
                                 model.apply(variables, x, train=False, branch="main"))
   with pytest.raises(ValueError, match="'aug'.*models.bn_branches"):
     model.apply(variables, x, train=False, branch="aug")
+
+
+# --- MLP. ---
+
+
+def mlp_param_count(in_dim: int, widths, num_classes: int, bn_sets: int) -> int:
+  """Hidden Dense kernels (no bias), a scale and a bias per unit per BN set, and the head."""
+  count_, previous = 0, in_dim
+  for width in widths:
+    count_ += previous * width + 2 * bn_sets * width
+    previous = width
+  return count_ + previous * num_classes + num_classes
+
+
+@pytest.mark.parametrize("widths,adv_bn,aug,bn_sets", [
+    ((32, 16), "separate", False, 2), ((32, 16), "shared", False, 1), ((8,), "separate", True, 3),
+    ((64, 32, 16), "shared", True, 2)])
+def test_mlp_shapes_and_parameter_count(widths, adv_bn, aug, bn_sets):
+  model = models.create_model("MLP", num_classes=10, mlp_widths=widths, adv_bn=adv_bn,
+                              aug_bn=aug, **stats("fashion_mnist"))
+  variables = init_shapes(model, (28, 28, 1))
+  assert count(variables["params"]) == mlp_param_count(28 * 28, widths, 10, bn_sets)
+  assert count(variables["batch_stats"]) == 2 * bn_sets * sum(widths)
+  assert variables["params"]["head"]["kernel"].shape == (widths[-1], 10)
+
+
+def numpy_mlp(params, batch_stats, x, spec, widths, *, branch: str, group: int | None):
+  """The MLP by hand: normalise, flatten, per layer x W, BN (per group, or running), ReLU; head."""
+  h = ((x - np.array(spec.pixel_mean)) / np.array(spec.pixel_std)).reshape(len(x), -1)
+  for i in range(len(widths)):
+    h = h @ np.asarray(params[f"hidden_{i}"]["kernel"])
+    bn, running = params[f"hidden_{i}_bn"][f"bn_{branch}"], batch_stats[f"hidden_{i}_bn"][
+        f"bn_{branch}"]
+    if group is None:
+      mean, var = np.asarray(running["mean"]), np.asarray(running["var"])
+    else:
+      g = h.reshape(-1, group, h.shape[-1])
+      mean = np.repeat(g.mean(1), group, axis=0)
+      var = np.repeat(g.var(1), group, axis=0)
+    h = (h - mean) / np.sqrt(var + 1e-5) * np.asarray(bn["scale"]) + np.asarray(bn["bias"])
+    h = np.maximum(h, 0)
+  return h @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
+
+
+@pytest.mark.parametrize("branch", ["main", "adv", "aug"])
+def test_mlp_through_linen_forward_matches_a_numpy_mlp(branch):
+  """forward(params, batch_stats, images, train=..., branch=...) as the train step calls it."""
+  from conadv_jax import conadv  # pylint: disable=g-import-not-at-top
+  spec = datasets.DATASETS["fashion_mnist"]
+  widths, group = (24, 12), 4
+  model = models.create_model("MLP", num_classes=10, mlp_widths=widths, aug_bn=True,
+                              bn_group_size=group, pixel_mean=spec.pixel_mean,
+                              pixel_std=spec.pixel_std)
+  rng = np.random.RandomState(0)
+  x = rng.uniform(0, 255, (8, 28, 28, 1)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  # Every BN set gets its own scale, bias and running averages, so a wrong set would show.
+  variables = jax.tree.map(lambda v: v + rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+                           if v.ndim == 1 else v, variables)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  forward = conadv.linen_forward(model)
+
+  logits, same_stats = forward(params, batch_stats, x, train=False, branch=branch)
+  assert logits.shape == (8, 10) and logits.dtype == jnp.float32
+  assert same_stats is batch_stats
+  np.testing.assert_allclose(
+      logits, numpy_mlp(params, batch_stats, x, spec, widths, branch=branch, group=None),
+      rtol=1e-4, atol=1e-4)
+
+  logits, new_stats = forward(params, batch_stats, x, train=True, branch=branch)
+  np.testing.assert_allclose(
+      logits, numpy_mlp(params, batch_stats, x, spec, widths, branch=branch, group=group),
+      rtol=1e-4, atol=1e-4)
+  for b in ("main", "adv", "aug"):
+    moved = not np.allclose(new_stats["hidden_0_bn"][f"bn_{b}"]["mean"],
+                            batch_stats["hidden_0_bn"][f"bn_{b}"]["mean"])
+    assert moved == (b == branch), b
+
+
+def test_mlp_from_config_reads_its_widths():
+  config = cpu_smoke.get_config("conadv")
+  config.model, config.mlp_widths = "MLP", (20, 10)
+  model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=1)
+  assert isinstance(model, models.MLP) and tuple(model.widths) == (20, 10)
+  variables = init_shapes(model, (16, 16, 3))
+  assert count(variables["params"]) == mlp_param_count(16 * 16 * 3, (20, 10), 10, 2)
+
+
+@pytest.mark.parametrize("widths", [(), (256, 0), (-1,), (2.5,), (True,), 256])
+def test_mlp_rejects_bad_widths(widths):
+  assert not models.valid_mlp_widths(widths)
+  with pytest.raises(ValueError, match="mlp_widths"):
+    models.create_model("MLP", num_classes=10, mlp_widths=widths, **stats())
