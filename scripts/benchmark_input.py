@@ -124,9 +124,10 @@ flags.DEFINE_integer("steps", 64, "Timed training batches per repeat.")
 flags.DEFINE_integer("warmup", 4, "Untimed training batches before the first repeat (>= 1: the "
                      "first batch builds the pipeline).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (train: --steps batches; eval: one pass).")
-flags.DEFINE_string("aug_branch", "randaugment",
+flags.DEFINE_string("aug_branch", "autoaugment",
                     "config.aug_branch of the augmented train run, if the config has that field "
-                    "('' or 'none': skip it).")
+                    "(default: the AutoAugment view of the *_aa_* ImageNet presets; '' or "
+                    "'none': skip it).")
 flags.DEFINE_integer("seed", 0, "Seed of the written data and of config.seed.")
 flags.DEFINE_string("out", None, "If set, write the JSON report to this path.")
 
