@@ -15,13 +15,14 @@ Two adversarial numbers, for two questions:
 """
 import dataclasses
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from conadv_jax import attacks, input_pipeline, losses, parallel
+from conadv_jax import attacks, input_pipeline, losses, parallel, sharpness
 from conadv_jax.conadv import Batch, ForwardFn, MethodConfig, TrainState
 from conadv_jax.norm import MAIN
 
@@ -30,6 +31,8 @@ from conadv_jax.norm import MAIN
 _EVAL_RNG_OFFSET = 2**30
 # The root of the robust (PGD) evaluation's random starts: another stream than the eval attack's.
 _ROBUST_RNG_OFFSET = 2**30 + 2**29
+# The power iteration's starting vector: fixed, so every run's sharpness is measured alike.
+_SHARPNESS_START_SEED = 0
 # Madry et al.'s step rule: 2.5·ε/steps lets a walk reach the ε-ball's far side from the random
 # start with room to spare, whatever the number of steps.
 PGD_STEP_FACTOR = 2.5
@@ -207,3 +210,32 @@ def train_subset(config: ml_collections.ConfigDict, info: input_pipeline.Dataset
       break
   return {"image": np.concatenate(images)[:num_examples],
           "label": np.concatenate(labels)[:num_examples]}
+
+
+def final_sharpness(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                    mesh: jax.sharding.Mesh, forward: ForwardFn,
+                    state: TrainState) -> dict[str, Any] | None:
+  """results.json's "sharpness": the training loss's top Hessian eigenvalue at `state`.
+
+  None when config.sharpness_num_examples is 0 (off). The loss is the training cross-entropy
+  (with the run's label smoothing) over train_subset's fixed examples, main BN in inference mode
+  (see sharpness.py for why), and power iteration starts from a fixed vector, so two runs are
+  measured alike. Every process computes the same number from the same (replicated) inputs.
+  """
+  num_examples = config.sharpness_num_examples
+  if not num_examples:
+    return None
+  subset = train_subset(config, info, num_examples)
+  replicated = parallel.replicated(mesh)
+  images, labels = (jax.make_array_from_process_local_data(replicated, subset[key])
+                    for key in ("image", "label"))
+  loss = sharpness.make_training_loss(forward, state.batch_stats, images, labels,
+                                      chunk_size=min(config.eval_batch_size, num_examples),
+                                      label_smoothing=config.label_smoothing)
+  result = sharpness.top_hessian_eigenvalue(loss, state.params,
+                                            num_iterations=config.sharpness_iterations,
+                                            rng=jax.random.PRNGKey(_SHARPNESS_START_SEED))
+  change = result.relative_change
+  return {"top_hessian_eigenvalue": result.eigenvalue, "iterations": result.num_iterations,
+          "relative_change": change if np.isfinite(change) else None,
+          "num_examples": num_examples}

@@ -308,6 +308,10 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
       eval_results["robust_top1"] = robust
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
     run.record["final_eval"] = {"step": run.step, "results": eval_results}
+  final_eval = run.record["final_eval"]
+  if "sharpness" not in final_eval:  # Also a finished run measured before sharpness existed.
+    final_eval["sharpness"] = evaluation.final_sharpness(exp.config, exp.info, exp.mesh,
+                                                         exp.forward, run.state)
   checkpointer.save(run.step, run.state, run.record, force=True)
   checkpointer.wait_until_finished()
   train_summary = run.record.get("last_train", {})
@@ -319,6 +323,7 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
                                                  "robust_top1", "num_examples")
                if k in eval_results},
       "train": {"loss": train_summary.get("loss"), "top1": train_summary.get("clean_top1")},
+      "sharpness": final_eval["sharpness"],  # None when config.sharpness_num_examples is 0.
       "wall_time_s": time.time() - start_time,
       "param_fingerprint": param_fingerprint(run.state.params),
   }

@@ -5,13 +5,14 @@ Layouts: device and process counts, eval_batch_size, padding.
 import itertools
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from conadv_jax import conadv, evaluation, input_pipeline, models, parallel
+from conadv_jax import conadv, evaluation, input_pipeline, losses, models, parallel
 from configs import cpu_smoke
 
 
@@ -365,3 +366,36 @@ def test_train_subset_is_the_first_training_examples_whatever_the_batching():
     np.testing.assert_array_equal(again["label"], subset["label"])
   with pytest.raises(ValueError, match="has 256"):
     evaluation.train_subset(config, info, 257)
+
+
+def test_final_sharpness_is_the_top_eigenvalue_of_the_exact_hessian():
+  """A tiny MLP whose Hessian is formed exactly: the recorded number is its largest eigenvalue
+  (in magnitude) for the training loss on the fixed subset, main BN in inference mode."""
+  config = cpu_smoke.get_config("vanilla")
+  config.update(dict(model="MLP", mlp_widths=(3,), image_size=3, sharpness_num_examples=48,
+                     sharpness_iterations=300, eval_batch_size=20, label_smoothing=0.1))
+  info = input_pipeline.get_dataset_info(config)
+  model = models.create_model_from_config(config, info.spec, num_devices=1)
+  forward = conadv.linen_forward(model)
+  variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, *info.image_shape)), train=False)
+  # Running averages away from their init, so that inference-mode BN is not the identity.
+  batch_stats = jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])
+  state = make_state(variables["params"], batch_stats, (8, *info.image_shape))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  result = evaluation.final_sharpness(config, info, mesh, forward, state)
+
+  subset = evaluation.train_subset(config, info, 48)
+  flat, unravel = jax.flatten_util.ravel_pytree(variables["params"])
+
+  def loss(vector):
+    logits, _ = forward(unravel(vector), batch_stats, jnp.asarray(subset["image"], jnp.float32),
+                        train=False)
+    return losses.cross_entropy(logits, subset["label"], 0.1).mean()
+
+  eigenvalues = np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))
+  top = eigenvalues[np.argmax(np.abs(eigenvalues))]
+  assert flat.size < 200 and abs(top) > 1e-3
+  assert result["top_hessian_eigenvalue"] == pytest.approx(top, rel=2e-3)
+  assert result["num_examples"] == 48 and 1 <= result["iterations"] <= 300
+  config.sharpness_num_examples = 0
+  assert evaluation.final_sharpness(config, info, mesh, forward, state) is None
