@@ -4,14 +4,15 @@
       --root=/work/study_tuning --parallel=2
 
 The best peak LR per batch size goes into configs/fashion_mnist_study.py's LR_TABLE, which every
-method of the study then uses unchanged. The grid is geometric (factors of 2) around LARS's usual
-range, wider at large batches, where fewer steps need larger ones. No sharpness or PGD here:
+method of the study then uses unchanged. The grid is geometric (factors of 2), shifted up with the
+batch, where fewer steps need larger ones. It first had the lower four values of each batch; the
+best at 256 (4.0) was then the grid's edge, so two more values were added at every batch. No sharpness or PGD here:
 only test top-1 decides (see docs/study.md for why and what that favours).
 """
 from configs import fashion_mnist_study
 
-GRID = {256: (0.5, 1.0, 2.0, 4.0), 1_024: (1.0, 2.0, 4.0, 8.0), 4_096: (2.0, 4.0, 8.0, 16.0),
-        16_384: (4.0, 8.0, 16.0, 32.0)}
+GRID = {256: (0.5, 1.0, 2.0, 4.0, 8.0, 16.0), 1_024: (1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+        4_096: (2.0, 4.0, 8.0, 16.0, 32.0, 64.0), 16_384: (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)}
 
 
 def get_sweep() -> list[tuple[str, dict]]:
