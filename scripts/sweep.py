@@ -161,6 +161,8 @@ def is_finished(run: Run) -> bool:
   # Fields the run's code did not have yet are not compared: it ran without them.
   ran = _flatten(results.get("config", {}))
   wanted = flat_config(run.config, run.overrides)
+  if wanted.get("sharpness_num_examples") and not results.get("sharpness"):
+    return False  # Finished by code without sharpness; a rerun measures it, no retraining.
   return all(ran[k] == wanted.get(k, ran[k]) for k in ran) and all(
       k in ran for k in run.overrides)
 

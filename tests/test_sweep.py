@@ -83,8 +83,9 @@ def test_the_command_resumes_with_the_same_overrides(tmp_path):
   assert (config["method"], config["staleness"], config["attack.epsilon"]) == ("conadv", 2, 4.0)
 
 
-def _fake_run(root: pathlib.Path, seed: int, results: dict | None, rates=()) -> "sweep.Run":
-  overrides = {"seed": seed}
+def _fake_run(root: pathlib.Path, seed: int, results: dict | None, rates=(),
+              **overrides) -> "sweep.Run":
+  overrides = {"seed": seed, **overrides}
   name = sweep.run_name("configs/cpu_smoke.py:conadv", overrides)
   run = sweep.Run("configs/cpu_smoke.py:conadv", overrides, name, root / name)
   run.workdir.mkdir(parents=True)
@@ -139,6 +140,14 @@ def test_summary_rows_come_from_results_and_missing_values_stay_empty(tmp_path):
 def test_a_result_made_with_other_settings_is_not_finished(tmp_path):
   run = _fake_run(tmp_path, 0, {"final_step": 12, "eval": {"top1": 0.5}, "train": {}})
   assert sweep.is_finished(run)
+  # Asked for sharpness and finished by code that did not measure it: a rerun measures it.
+  measured = _fake_run(tmp_path / "sharp", 0, {"final_step": 12, "eval": {"top1": 0.5},
+                                               "train": {}}, sharpness_num_examples=64)
+  assert not sweep.is_finished(measured)
+  results = json.loads((measured.workdir / "results.json").read_text())
+  results["sharpness"] = {"top_hessian_eigenvalue": 3.0, "iterations": 20}
+  (measured.workdir / "results.json").write_text(json.dumps(results))
+  assert sweep.is_finished(measured)
   results = json.loads((run.workdir / "results.json").read_text())
   results["config"]["num_train_steps"] = 6  # The preset has changed since this run ended.
   (run.workdir / "results.json").write_text(json.dumps(results))
@@ -177,7 +186,9 @@ def test_the_study_sweep_uses_one_learning_rate_rule_for_every_method():
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
-  good = dict(TINY, num_train_steps=4, seed=0)
+  # This one also measures robust top-1 and sharpness, to check they reach the summary.
+  good = dict(TINY, num_train_steps=4, seed=0, eval_pgd_steps=2, sharpness_num_examples=32,
+              sharpness_iterations=3)
   bad = dict(TINY, num_train_steps=4, seed=1, learning_rate=-1.0)  # Refused by validation.
   sweep_file = write_sweep_file(tmp_path / "s.py", [("configs/cpu_smoke.py:vanilla", bad),
                                                     ("configs/cpu_smoke.py:vanilla", good)])
@@ -199,7 +210,10 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
   assert float(good_row["train_top1"]) == results["train"]["top1"]
   assert float(good_row["gap"]) == pytest.approx(results["train"]["top1"] -
                                                  results["eval"]["top1"])
-  assert good_row["robust_top1"] == "" and float(good_row["step_time_s"]) > 0
+  assert float(good_row["robust_top1"]) == results["eval"]["robust_top1"]
+  assert float(good_row["sharpness"]) == results["sharpness"]["top_hessian_eigenvalue"]
+  assert int(good_row["sharpness_iterations"]) == results["sharpness"]["iterations"]
+  assert float(good_row["step_time_s"]) > 0
 
 
 def _latest_checkpoint(workdir: pathlib.Path) -> int:
