@@ -45,6 +45,9 @@ class DatasetSpec:
       (generated data, which is made at the model's size).
     manual_download: for datasets TFDS cannot download, which files to put in
       DATA_DIR/downloads/manual and from where; empty when TFDS downloads it.
+    fits_in_memory: small enough for every process to hold the whole train split in RAM, which
+      makes global batch t the same examples for any process count (see
+      input_pipeline.data_order_key); others do so only with config.cache.
   """
   name: str
   num_classes: int
@@ -60,6 +63,7 @@ class DatasetSpec:
   source: str = "tfds"
   augmentation: str = "pad_crop"
   manual_download: str = ""
+  fits_in_memory: bool = False
 
   def __post_init__(self):
     # Registry mistakes are bugs, not user errors: fail at import, before any run starts.
@@ -85,11 +89,11 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("fashion_mnist", num_classes=10, native_image_size=28, channels=1,
                     pixel_mean=(72.94,), pixel_std=(90.02,), train_split="train",
                     eval_split="test", num_train_examples=60_000, num_eval_examples=10_000,
-                    source="fashion_mnist"),
+                    source="fashion_mnist", fits_in_memory=True),  # 47 MB of pixels.
         DatasetSpec("cifar10", num_classes=10, native_image_size=32, channels=3,
                     pixel_mean=(125.31, 122.95, 113.87), pixel_std=(62.99, 62.09, 66.70),
                     train_split="train", eval_split="test", num_train_examples=50_000,
-                    num_eval_examples=10_000),
+                    num_eval_examples=10_000, fits_in_memory=True),  # 154 MB of pixels.
         DatasetSpec("imagenet2012", num_classes=1000, native_image_size=224, channels=3,
                     pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
                     train_split="train", eval_split="validation", num_train_examples=1_281_167,
@@ -116,9 +120,12 @@ def synthetic_num_eval_examples(num_train_examples: int) -> int:
   return max(num_train_examples // 4, 1)
 
 
-def steps_per_epoch(batch_size: int, num_train_examples: int) -> int:
-  """Global steps in one epoch: full batches only (the remainder of an epoch is dropped)."""
-  return num_train_examples // batch_size
+def steps_per_epoch(batch_size: int, num_train_examples: int) -> float:
+  """Global steps in one epoch, N / B, not floored: batches run on across epoch boundaries.
+
+  Schedules count in fractional epochs (the reference's 91 epochs at 32K are 3,558 steps).
+  """
+  return num_train_examples / batch_size
 
 
 def get_spec(config: ml_collections.ConfigDict) -> DatasetSpec:

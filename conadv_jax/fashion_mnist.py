@@ -233,7 +233,11 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   return builder.data_path.exists() and builder.is_prepared()
 
 
-def get_builder(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+class FashionMnistNotPreparedError(FashionMnistUnavailableError):
+  """get_builder(prepare=False) found no prepared copy."""
+
+
+def get_builder(data_dir: str | None = None, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """Returns a prepared builder with Fashion-MNIST's train and test splits.
 
   In order: TFDS's `fashion_mnist` already prepared in `data_dir`; our `fashion_mnist_idx`
@@ -242,8 +246,11 @@ def get_builder(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
 
   Args:
     data_dir: TFDS data dir (None: TFDS's default); may also hold the four IDX files.
+    prepare: whether this call may convert or download. Multi-process runs prepare on process 0
+      only, so that no two processes write the same folder; the others pass False.
 
   Raises:
+    FashionMnistNotPreparedError: prepare=False and no prepared copy is in data_dir.
     FashionMnistUnavailableError: none of the above worked, or a prepared copy is unreadable;
       the message says how to fix it.
     IdxFormatError: an IDX file found is corrupt; the message names it and how to replace it.
@@ -255,6 +262,10 @@ def get_builder(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   local = _open_builder(lambda: FashionMnistIdx(data_dir=data_dir), "fashion_mnist_idx", data_dir)
   if _is_prepared(local):
     return local
+  if not prepare:
+    raise FashionMnistNotPreparedError(
+        f"Neither fashion_mnist nor fashion_mnist_idx is prepared in the TFDS data dir "
+        f"{data_dir or tfds.core.constants.DATA_DIR}.")
   for folder in _idx_folders(data_dir):
     if has_idx_files(folder):
       logging.info("Preparing fashion_mnist_idx in %s from the IDX files in %s.", local.data_dir,

@@ -1,19 +1,22 @@
 """Deterministic, resumable, per-process tf.data input pipelines yielding numpy batches.
 
 Per-dataset facts (splits, sizes, channels, source, augmentation recipe) come from the registry
-(`datasets.get_spec`); `get_dataset_info` resolves the prepared data once and the pipelines take
-its result. Each process reads only its slice of a split and yields host-local batches;
-`shard_and_prefetch` assembles them into global jax.Arrays.
+(`datasets.get_spec`); `get_dataset_info` resolves the prepared data once (process 0 prepares,
+the others wait for it) and the pipelines take its result. Each process yields host-local
+batches; `shard_and_prefetch` assembles them into global jax.Arrays.
 
-Every source (TFDS or generated) offers one hook, `epoch(epoch, skip)`: this process's examples
-of that epoch, preprocessed, in batch order, without the first `skip`. Training batches depend
-only on (config.seed, step): every epoch gets shuffle seeds derived from (seed, epoch) and every
-example augmentation seeds derived from (seed, epoch, its position in the epoch), so a run resumed
-at step k sees exactly the batches an uninterrupted run sees from step k on (for the same process
-count; for generated data, global batches do not depend on the process count either).
+Training is one tf.data pipeline over all epochs. Global batch t is examples [tB, (t+1)B) of the
+concatenation of the per-epoch orders, so an epoch is N / B steps (a float) and no example is
+dropped at its end. Every order and every augmentation is a function of config.seed and of
+positions in that stream, so a run resumed at step k sees exactly the batches an uninterrupted
+run sees from step k on. Data that every process holds whole (generated, small, or cached) is
+ordered globally, which also makes batch t independent of the process count; ImageNet without
+cache is read as one file slice per process (`data_order_key` tells the two apart).
 
-Batches are dicts of numpy arrays: 'image' float32 raw pixels in [0, 255] (B, H, W, C) (the
-model normalises), 'label' int32 (B,), and for eval 'mask' float32 (B,), 0 on padding.
+Batches are dicts of numpy arrays: 'image' uint8 raw pixels (B, H, W, C) (the model casts and
+normalises on the device: a quarter of float32's bytes), 'label' int32 (B,); train batches also
+'aug_image' (like 'image') when config.aug_branch is set; eval batches 'mask' float32 (B,), 0 on
+padding.
 """
 from collections.abc import Callable, Iterator
 import collections
@@ -114,13 +117,23 @@ def _check_data_dir(data_dir: str | None) -> None:
         f"(e.g. `chmod u+rx {path}`) or pass another folder.")
 
 
-def _builder(config: ml_collections.ConfigDict,
-             spec: datasets.DatasetSpec) -> tfds.core.DatasetBuilder:
-  """Returns the prepared TFDS builder of a non-generated dataset, preparing it if we can."""
+class _NotPreparedError(Exception):
+  """_builder(prepare=False) found no prepared copy."""
+
+
+def _builder(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
+             prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """Returns the prepared TFDS builder of a non-generated dataset, preparing it if we can.
+
+  Raises:
+    _NotPreparedError: prepare=False and the data is not prepared.
+  """
   _check_data_dir(config.data_dir)
   if spec.source == "fashion_mnist":
     try:
-      return fashion_mnist.get_builder(config.data_dir)
+      return fashion_mnist.get_builder(config.data_dir, prepare=prepare)
+    except fashion_mnist.FashionMnistNotPreparedError as e:
+      raise _NotPreparedError(str(e)) from e
     except fashion_mnist.FashionMnistUnavailableError as e:
       raise DataUnavailableError(str(e)) from e
   data_dir = config.data_dir or tfds.core.constants.DATA_DIR
@@ -136,6 +149,8 @@ def _builder(config: ml_collections.ConfigDict,
         f"corrupt or incomplete. Delete {folder} and {_how_to_prepare(spec, data_dir)}.") from e
   if builder.data_path.exists() and builder.is_prepared():  # exists(): is_prepared() warns.
     return builder
+  if not prepare:
+    raise _NotPreparedError(f"{spec.name} is not prepared in the TFDS data dir {data_dir}.")
   if spec.manual_download:
     raise DataUnavailableError(
         f"{spec.name} is not prepared in the TFDS data dir {data_dir} (looked for "
@@ -160,16 +175,70 @@ def _how_to_prepare(spec: datasets.DatasetSpec, data_dir: str) -> str:
   return "run again: it is prepared afresh"
 
 
-def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+def _process_0_outcome(ok: bool) -> bool:
+  """A barrier: every process blocks until process 0 gets here; returns process 0's `ok`.
+
+  Process 0 passes whether it prepared the data; the others' values are ignored. A collective
+  (not a file to poll) so that process 0's failure releases the others at once.
+  """
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _prepared_builder(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
+                      process_index: int, process_count: int) -> tfds.core.DatasetBuilder:
+  """The prepared builder; only process 0 prepares (downloads, converts), the others wait.
+
+  Two processes preparing the same data_dir at once would write the same folders.
+  """
+  if process_count == 1:
+    return _builder(config, spec)
+  if process_index == 0:
+    try:
+      builder = _builder(config, spec)
+    except BaseException:
+      _process_0_outcome(False)  # Release the others; they stop with a pointer to this error.
+      raise
+    _process_0_outcome(True)
+    return builder
+  if not _process_0_outcome(False):
+    raise DataUnavailableError(
+        f"Process 0 could not prepare {spec.name} (its log says why); this is process "
+        f"{process_index}. Fix what process 0 reports and start all processes again.")
+  try:
+    return _builder(config, spec, prepare=False)
+  except _NotPreparedError as e:
+    data_dir = config.data_dir or tfds.core.constants.DATA_DIR
+    raise DataUnavailableError(
+        f"Process 0 prepared {spec.name} in the TFDS data dir {data_dir}, but process "
+        f"{process_index} does not find it there ({e}). Every process must read the same "
+        "data_dir: pass --config.data_dir=DIR on a file system all hosts share (or a gs:// "
+        "bucket), or prepare the data on every host before the run (e.g. one single-process "
+        "run per host).") from e
+
+
+def get_dataset_info(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+                     process_count: int | None = None) -> DatasetInfo:
   """Resolves config.dataset once: registry entry and prepared data, checked against each other.
 
   Prepares the data first where that can be done here (fashion_mnist from IDX files, TFDS
-  downloads). Pass the result to the pipelines and its `spec` to the model.
+  downloads): on process 0 only, while the others wait at a barrier, then read what it
+  prepared. Every process must call this (it holds a collective in multi-process runs). Pass
+  the result to the pipelines and its `spec` to the model.
+
+  Args:
+    config: the run's config.
+    process_index: this process (default: jax.process_index()).
+    process_count: the number of processes (default: jax.process_count()).
 
   Raises:
     datasets.UnknownDatasetError: config.dataset is not registered.
     DataUnavailableError: the data is not prepared and cannot be, config.data_dir is not a
-      readable folder, or a prepared copy is corrupt (the message says what to do).
+      readable folder, or a prepared copy is corrupt (the message says what to do); on a
+      process other than 0: process 0 failed to prepare it, or what it prepared is not visible
+      here.
     fashion_mnist.IdxFormatError: a local Fashion-MNIST IDX file is corrupt.
     DataMismatchError: the prepared data has other classes or channels than the registry says.
     InputConfigError: config.image_size < 0.
@@ -183,7 +252,7 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
         image_shape=(size, size, spec.channels),
         num_train_examples=spec.num_train_examples,
         num_eval_examples=spec.num_eval_examples)
-  builder = _builder(config, spec)
+  builder = _prepared_builder(config, spec, *_process(process_index, process_count))
   num_classes = builder.info.features["label"].num_classes
   channels = builder.info.features["image"].shape[-1]
   if (num_classes, channels) != (spec.num_classes, spec.channels):
@@ -202,8 +271,10 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
       builder=builder)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, info: DatasetInfo) -> int:
-  """Number of global training steps (batches of config.batch_size) in one epoch.
+def steps_per_epoch(config: ml_collections.ConfigDict, info: DatasetInfo) -> float:
+  """Global training steps (batches of config.batch_size) per epoch: N / B, not floored.
+
+  Batches run on across epoch boundaries, so an epoch can end inside a step.
 
   Raises:
     InputConfigError: the global batch is larger than the training set.
@@ -217,155 +288,121 @@ def steps_per_epoch(config: ml_collections.ConfigDict, info: DatasetInfo) -> int
 
 
 # ------------------------------------------------------------------------------------------------
-# Sources: this process's examples of a split, one tf.data.Dataset per epoch.
+# The data order.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-  """One process's slice of a split.
+def data_order_key(config: ml_collections.ConfigDict, info: DatasetInfo,
+                   process_count: int | None = None) -> str | None:
+  """None when global batch t holds the same examples for any process count, else the layout.
 
-  `epoch(epoch, skip)` holds the slice's examples of that epoch as model inputs ({'image'
-  float32 (H, W, C), 'label' int32}), unbatched, in the order they are batched, without the first
-  `skip`. Training examples are shuffled and augmented with seeds from (config.seed, epoch, their
-  position), so the result does not depend on `skip` beyond dropping examples; eval examples come
-  in one fixed order, unaugmented, whatever the epoch.
+  Generated data, datasets whose registry entry says they fit in memory and any dataset with
+  config.cache = True are read whole by every process and ordered globally, so the order does
+  not depend on the process (or device) count. Other TFDS datasets (ImageNet without cache) are
+  read as one file slice per process, shuffled within it; a resume must then use the same
+  process count, and the string names that layout so that the checkpoint can record it and a
+  resume with a different one can be refused.
   """
-  epoch: Callable[[int, int], tf.data.Dataset]
-  num_examples: int  # In this process's slice.
-  max_num_examples: int  # In the largest slice over all processes.
+  if _global_order(config, info):
+    return None
+  _, count = _process(None, process_count)
+  return f"{info.spec.name}: TFDS file slices over {count} process{'es' if count > 1 else ''}"
 
 
-def _even_slice(num_examples: int, index: int, count: int,
-                drop_remainder: bool) -> tuple[int, int]:
-  """[start, end) of process `index`'s part, split like tfds.even_splits."""
+def _global_order(config: ml_collections.ConfigDict, info: DatasetInfo) -> bool:
+  return info.spec.source == "synthetic" or info.spec.fits_in_memory or config.cache
+
+
+# ------------------------------------------------------------------------------------------------
+# Examples: what the pipelines read, before preprocessing.
+
+
+def _even_slice(num_examples: int, index: int, count: int) -> tuple[int, int]:
+  """[start, end) of process `index`'s part of a generated eval split (like tfds.even_splits)."""
   per_process, remainder = divmod(num_examples, count)
-  start, end = per_process * index, per_process * (index + 1)
-  if not drop_remainder:
-    start += min(index, remainder)
-    end += min(index + 1, remainder)
-  return start, end
+  start = per_process * index + min(index, remainder)
+  return start, start + per_process + (index < remainder)
 
 
-def _synthetic_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
-                      process_index: int, process_count: int) -> _Source:
-  """Uniform-noise images with uniform labels, generated per example from (seed, index)."""
-  spec = info.spec
+def _synthetic_example(config: ml_collections.ConfigDict,
+                       info: DatasetInfo) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """example(index): uniform uint8 noise and a uniform label, generated from (seed, index)."""
   size, _, channels = info.image_shape
   num_classes = info.num_classes
-  total = info.num_train_examples if train else info.num_eval_examples
-  slices = [_even_slice(total, i, process_count, drop_remainder=train)
-            for i in range(process_count)]
-  start, end = slices[process_index]
-  # Eval indices follow train ones so that the two splits hold different examples.
-  offset = 0 if train else info.num_train_examples
-  data_seed = tf.constant(_seed_pair(config.seed, spec.name), tf.int64)
+  data_seed = tf.constant(_seed_pair(config.seed, info.spec.name), tf.int64)
 
   def example(index: tf.Tensor) -> dict[str, tf.Tensor]:
     image_seed, label_seed = tf.unstack(tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(data_seed, index), num=2))
-    image = tf.random.stateless_uniform([size, size, channels], image_seed, 0.0, 255.0)
+        tf.random.experimental.stateless_fold_in(data_seed, tf.cast(index, tf.int64)), num=2))
+    image = tf.random.stateless_uniform([size, size, channels], image_seed, 0, 256, tf.int32)
     label = tf.random.stateless_uniform([], label_seed, 0, num_classes, dtype=tf.int32)
-    return {"image": image, "label": label}
+    return {"image": tf.cast(image, tf.uint8), "label": label}
 
-  aug_view = _aug_view(config, info)
-
-  def train_epoch(epoch: int, skip: int) -> tf.data.Dataset:
-    # One global order per epoch; this process makes only its rows of each global batch, so
-    # global batch k holds the same examples whatever the process count.
-    num_steps = steps_per_epoch(config, info)
-    local_batch = config.batch_size // process_count
-    order = np.random.default_rng(_seed_pair(config.seed, f"{spec.name} order", epoch)).permutation(
-        info.num_train_examples)[:num_steps * config.batch_size]
-    positions = np.arange(num_steps * config.batch_size).reshape(
-        num_steps, process_count, local_batch)[:, process_index].reshape(-1)
-
-    def train_example(index: tf.Tensor, position: tf.Tensor) -> dict[str, tf.Tensor]:
-      out = example(index)
-      if aug_view is not None:  # Generated data has no crop; its view is the policy alone.
-        seed = _example_seed(config, epoch, position)
-        out["aug_image"] = tf.cast(aug_view(out, seed), out["image"].dtype)
-      return out
-
-    ds = tf.data.Dataset.from_tensor_slices((order[positions][skip:], positions[skip:]))
-    return ds.map(train_example, tf.data.AUTOTUNE)
-
-  def eval_epoch(epoch: int, skip: int) -> tf.data.Dataset:
-    del epoch  # The same examples every time.
-    indices = tf.data.Dataset.range(offset + start + skip, offset + end)
-    return indices.map(example, tf.data.AUTOTUNE)
-
-  return _Source(
-      epoch=train_epoch if train else eval_epoch,
-      num_examples=end - start,
-      max_num_examples=max(e - s for s, e in slices))
+  return example
 
 
-def _tfds_source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
-                 process_index: int, process_count: int) -> _Source:
-  """This process's slice of a prepared TFDS split, read without decoding the images."""
-  spec, builder = info.spec, info.builder
-  split_name = spec.train_split if train else spec.eval_split
-  # Train slices are equal (remainder dropped) so every process has the same number of steps;
-  # eval slices cover every example, and eval_batches pads the shorter ones.
-  splits = [tfds.split_for_jax_process(split_name, process_index=i, process_count=process_count,
-                                       drop_remainder=train) for i in range(process_count)]
-  counts = [builder.info.splits[split].num_examples for split in splits]
-  image_feature = builder.info.features["image"]
-  size = info.image_shape[0]
-  train_fn = augment.train_fn(spec.augmentation, size)
-  eval_fn = augment.eval_fn(spec.augmentation, size)
-  aug_view = _aug_view(config, info)
-
-  def read(shuffle_seed: int | None) -> tf.data.Dataset:
-    # No TFDS auto-caching: a new pipeline per epoch would refill it; config.cache decides.
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_options(),
-                                  try_autocache=False, skip_prefetch=True)
-    ds = builder.as_dataset(
-        split=splits[process_index],
-        shuffle_files=shuffle_seed is not None,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=read_config)
-    return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+def _decode_fn(info: DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+  """Stored example -> {'image': pixels (JPEGs stay encoded: decoded with the crop), 'label'}."""
+  image_feature = info.builder.info.features["image"]
 
   def decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Makes examples cacheable: pixels, except JPEGs whose decoding is fused with the crop."""
-    if spec.jpeg_encoded:
-      return example
-    return {"image": image_feature.decode_example(example["image"]), "label": example["label"]}
+    image = example["image"]
+    if not info.spec.jpeg_encoded:
+      image = image_feature.decode_example(image)
+    return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-  def eval_epoch(epoch: int, skip: int) -> tf.data.Dataset:
-    del epoch  # The same examples in the same order every time.
-    return read(None).skip(skip).map(lambda ex: eval_fn(decode(ex)), tf.data.AUTOTUNE)
+  return decode
 
-  buffer_size = max(min(config.shuffle_buffer_size, counts[process_index]), 1)
-  cached = (read(None).map(decode, tf.data.AUTOTUNE).cache()
-            if train and config.cache else None)
 
-  def train_epoch(epoch: int, skip: int) -> tf.data.Dataset:
-    file_seed, example_seed = _seed_pair(config.seed, "shuffle", epoch, process_index)
-    if cached is not None:
-      ds = cached.shuffle(buffer_size, seed=example_seed)
-    else:
-      ds = read(file_seed).shuffle(buffer_size, seed=example_seed)
-    # Skip consumed examples before the costly decode / augment, and number the rest by their
-    # position in the epoch, which (not the resume point) seeds their augmentation.
-    ds = ds.skip(skip).enumerate(start=skip)
+def _read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
+  # No TFDS auto-caching and no prefetch: the pipelines decide both.
+  return tfds.ReadConfig(shuffle_seed=shuffle_seed, options=_options(), try_autocache=False,
+                         skip_prefetch=True)
 
-    def preprocess(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-      if cached is None:
-        example = decode(example)
-      seed = _example_seed(config, epoch, index, process_index)
-      out = train_fn(example, seed) if config.augment else eval_fn(example)
-      if aug_view is not None:
-        out["aug_image"] = tf.cast(aug_view(example, seed), out["image"].dtype)
-      return out
 
-    return ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+def _tfds_split(info: DatasetInfo, split: str) -> tf.data.Dataset:
+  """A TFDS split (name or slice) of decodable examples, in the prepared order."""
+  return info.builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()},
+                                 read_config=_read_config()).map(_decode_fn(info),
+                                                                 tf.data.AUTOTUNE)
 
-  return _Source(
-      epoch=train_epoch if train else eval_epoch,
-      num_examples=counts[process_index],
-      max_num_examples=max(counts))
+
+def _load_train_split(info: DatasetInfo) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """example(index) from the whole train split, read once into this process's memory.
+
+  Pixels for decoded datasets, encoded bytes for JPEGs. Read in the prepared files' order,
+  which is the same on every process, so that an index means the same example everywhere.
+  """
+  batches = list(_numpy_batches(
+      _tfds_split(info, info.spec.train_split).batch(4096).prefetch(2), info))
+  images = tf.constant(np.concatenate([b["image"] for b in batches]))
+  labels = tf.constant(np.concatenate([b["label"] for b in batches]))
+  if len(labels) != info.num_train_examples:
+    raise CorruptDataError(
+        f"The prepared {info.spec.name} in {info.builder.data_path} has {len(labels)} train "
+        f"examples, but its metadata says {info.num_train_examples}; its files are truncated or "
+        f"corrupt. Delete it and {_how_to_prepare(info.spec, _data_dir(info))}.")
+
+  def example(index: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {"image": tf.gather(images, index), "label": tf.gather(labels, index)}
+
+  return example
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _example_seed(config: ml_collections.ConfigDict, position: tf.Tensor | int,
+                  *salt: int) -> tf.Tensor:
+  """int64 [2] augmentation seed of the example at `position` of the train stream.
+
+  `position` counts examples over epochs (epoch e, position i: e * N + i for globally ordered
+  data); `salt` is the process index for file slices, whose positions are per process. The main
+  view uses the seed as is; the augmented view derives its own (augment.aug_view_seeds).
+  """
+  key = tf.constant(_seed_pair(config.seed, "augment", *salt), tf.int64)
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
 
 
 def _aug_view(config: ml_collections.ConfigDict,
@@ -380,11 +417,136 @@ def _aug_view(config: ml_collections.ConfigDict,
   return augment.aug_view_fn(info.spec.augmentation, size, policy)
 
 
-def _source(config: ml_collections.ConfigDict, info: DatasetInfo, train: bool,
-            process_index: int, process_count: int) -> _Source:
-  """The source of `info`'s train (or eval) split for one process."""
-  make = _synthetic_source if info.spec.source == "synthetic" else _tfds_source
-  return make(config, info, train, process_index, process_count)
+def _train_preprocess(config: ml_collections.ConfigDict, info: DatasetInfo
+                      ) -> Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]:
+  """preprocess(example, seed) -> model inputs: uint8 'image', int32 'label', 'aug_image'."""
+  size = info.image_shape[0]
+  train_fn = augment.train_fn(info.spec.augmentation, size)
+  eval_fn = augment.eval_fn(info.spec.augmentation, size)
+  aug_view = _aug_view(config, info)
+
+  def preprocess(example: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    main = train_fn(example, seed) if config.augment else eval_fn(example)
+    out = {"image": augment.to_uint8(main["image"]), "label": main["label"]}
+    if aug_view is not None:
+      out["aug_image"] = aug_view(example, seed)
+    return out
+
+  return preprocess
+
+
+def _eval_preprocess(info: DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+  eval_fn = augment.eval_fn(info.spec.augmentation, info.image_shape[0])
+
+  def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    out = eval_fn(example)
+    return {"image": augment.to_uint8(out["image"]), "label": out["label"]}
+
+  return preprocess
+
+
+# ------------------------------------------------------------------------------------------------
+# The train stream: this process's examples, one dataset over all epochs.
+
+
+def _train_examples(config: ml_collections.ConfigDict, info: DatasetInfo, process_index: int,
+                    process_count: int, first: int) -> tf.data.Dataset:
+  """This process's preprocessed train examples from its `first` on, in batch order, endless."""
+  if _global_order(config, info):
+    return _globally_ordered(config, info, process_index, process_count, first)
+  return _file_slices(config, info, process_index, process_count, first)
+
+
+def _globally_ordered(config: ml_collections.ConfigDict, info: DatasetInfo, process_index: int,
+                      process_count: int, first: int) -> tf.data.Dataset:
+  """Global batch t = examples [tB, (t+1)B) of the concatenated per-epoch permutations.
+
+  Epoch e's order is a permutation of the whole split seeded by (seed, e) (a stateless index
+  shuffle: nothing is materialised, nothing refills at a boundary). This process makes rows
+  [pb, (p+1)b) of every global batch, so the batches do not depend on the process count, and
+  every example's augmentation is seeded by its global position, not by the process.
+  """
+  num_examples = info.num_train_examples
+  global_batch, local_batch = config.batch_size, config.batch_size // process_count
+  order_key = tf.constant(_seed_pair(config.seed, "order"), tf.int64)
+  example = (_synthetic_example(config, info) if info.spec.source == "synthetic"
+             else _load_train_split(info))
+  preprocess = _train_preprocess(config, info)
+
+  def make(local: tf.Tensor) -> dict[str, tf.Tensor]:
+    step, row = local // local_batch, local % local_batch
+    position = step * global_batch + process_index * local_batch + row
+    epoch, in_epoch = position // num_examples, position % num_examples
+    index = tf.random.experimental.index_shuffle(
+        in_epoch, tf.random.experimental.stateless_fold_in(order_key, epoch), num_examples - 1)
+    return preprocess(example(index), _example_seed(config, position))
+
+  return tf.data.Dataset.counter(first).map(make, tf.data.AUTOTUNE)
+
+
+def _file_slices(config: ml_collections.ConfigDict, info: DatasetInfo, process_index: int,
+                 process_count: int, first: int) -> tf.data.Dataset:
+  """Each process's own slice of the split's files, each epoch reshuffled within a window.
+
+  For data too big for every process to hold (ImageNet without cache). Epoch e reads the
+  slice's files in an order seeded by (seed, process, e), interleaved, through a shuffle window
+  of config.shuffle_buffer_size; epochs follow one another in one dataset whose next epoch is
+  opened (files, window filled) in the background while the current one is consumed. The
+  slices are equal (tfds.split_for_jax_process, remainder dropped), so every process has the
+  same number of examples per epoch.
+  """
+  builder, spec = info.builder, info.spec
+  if builder.info.file_format != tfds.core.file_adapters.FileFormat.TFRECORD:
+    raise InputConfigError(
+        f"{spec.name} in {builder.data_path} is stored as {builder.info.file_format.value}; "
+        "reading file slices needs TFRecord files. Set --config.cache=True, or rebuild it with "
+        f"`tfds build {spec.name} --file_format=tfrecord`.")
+  split = tfds.split_for_jax_process(spec.train_split, process_index=process_index,
+                                     process_count=process_count, drop_remainder=True)
+  instructions = builder.info.splits[split].file_instructions
+  names = [str(fi.filename) for fi in instructions]
+  skips = [fi.skip for fi in instructions]
+  takes = [fi.take if fi.take >= 0 else fi.examples_in_shard - fi.skip for fi in instructions]
+  per_epoch = sum(takes)
+  features = builder.info.features
+  decode = _decode_fn(info)
+  preprocess = _train_preprocess(config, info)
+  shuffle_key = tf.constant(_seed_pair(config.seed, "shuffle", process_index), tf.int64)
+  window = max(min(config.shuffle_buffer_size, per_epoch), 1)
+
+  def read(name: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
+    records = tf.data.TFRecordDataset(name).skip(skip).take(take)
+    # A shard shorter than its metadata says fails here (CorruptDataError), instead of
+    # shortening the epoch without a word.
+    return records.apply(tf.data.experimental.assert_cardinality(take))
+
+  def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+    file_seed, window_seed = tf.unstack(tf.random.experimental.stateless_fold_in(
+        shuffle_key, epoch))
+    files = tf.data.Dataset.from_tensor_slices(
+        (names, tf.constant(skips, tf.int64), tf.constant(takes, tf.int64)))
+    files = files.shuffle(len(names), seed=file_seed, reshuffle_each_iteration=False)
+    records = files.interleave(read, cycle_length=min(len(names), 16),
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records.shuffle(window, seed=window_seed, reshuffle_each_iteration=False)
+
+  first_epoch, skip = divmod(first, per_epoch)
+  # Parallel with one cycle: the next epoch's iterator is made and filled ahead of time.
+  records = tf.data.Dataset.counter(first_epoch).interleave(
+      epoch_records, cycle_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Skip consumed examples before the costly parse / decode / augment.
+  positions = records.skip(skip).enumerate(start=first)
+
+  def make(position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+    example = features.deserialize_example(
+        record, decoders={"image": tfds.decode.SkipDecoding()})
+    return preprocess(decode(example), _example_seed(config, position, process_index))
+
+  return positions.map(make, tf.data.AUTOTUNE)
+
+
+def _data_dir(info: DatasetInfo) -> str:
+  return str(info.builder.data_path.parent.parent)  # DATA_DIR/NAME/VERSION.
 
 
 def _numpy_batches(ds: tf.data.Dataset, info: DatasetInfo) -> Iterator[Batch]:
@@ -392,18 +554,17 @@ def _numpy_batches(ds: tf.data.Dataset, info: DatasetInfo) -> Iterator[Batch]:
   try:
     yield from ds.as_numpy_iterator()
   except (tf.errors.DataLossError, tf.errors.FailedPreconditionError) as e:
-    # DataLossError: a record fails its checksum or is cut short. FailedPreconditionError: TFDS
-    # found fewer records than its metadata promises (a truncated file).
+    # DataLossError: a record fails its checksum or is cut short. FailedPreconditionError: fewer
+    # records than the metadata promises (a truncated file).
     if info.builder is None:
       raise
     path = info.builder.data_path
-    data_dir = str(path.parent.parent)  # DATA_DIR/NAME/VERSION.
     # Drop TF's "{{function_node ...}}" prefix and "[Op:...]" suffix: the cause is in between.
     cause = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", e.message), flags=re.S)
     raise CorruptDataError(
         f"Reading the prepared {info.spec.name} in {path} failed ({type(e).__name__}: {cause}); "
         f"its files are truncated or corrupt. Delete {path} and "
-        f"{_how_to_prepare(info.spec, data_dir)}.") from e
+        f"{_how_to_prepare(info.spec, _data_dir(info))}.") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,17 +588,6 @@ def _seed_pair(*entropy: int | str) -> tuple[int, int]:
            for e in entropy]
   state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
   return int(state[0] >> 1), int(state[1] >> 1)
-
-
-def _example_seed(config: ml_collections.ConfigDict, epoch: int, position: tf.Tensor | int,
-                  *salt: int) -> tf.Tensor:
-  """int64 [2] augmentation seed of the example at `position` of `epoch`'s train order.
-
-  The main view uses it as is; the augmented view derives its own from it
-  (augment.aug_view_seeds). `salt` (the process index for sharded TFDS reads) keeps slices apart.
-  """
-  key = tf.constant(_seed_pair(config.seed, "augment", epoch, *salt), tf.int64)
-  return tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -472,12 +622,16 @@ def train_batches(config: ml_collections.ConfigDict,
                   process_count: int | None = None) -> Iterator[Batch]:
   """Endless host-local training batches for global steps start_step, start_step + 1, ...
 
-  Each has config.batch_size // process_count examples of this process's slice; the examples
-  of an epoch that do not fill a batch are dropped. The batch of step k is the same whatever
-  start_step was, so resuming from a checkpoint replays the data exactly.
+  One tf.data pipeline over all epochs: nothing is rebuilt at an epoch boundary and no example
+  is dropped there (a batch may hold the end of one epoch and the start of the next). Each batch
+  has config.batch_size // process_count rows: 'image' uint8 (b, H, W, C), 'label' int32 (b,)
+  and, with config.aug_branch, 'aug_image' like 'image'. The batch of step k is the same
+  whatever start_step was, so resuming from a checkpoint replays the data exactly; see
+  `data_order_key` for when it is also the same whatever the process count.
 
   Args:
-    config: the run's config (batch_size, seed, shuffle_buffer_size, augment, cache).
+    config: the run's config (batch_size, seed, shuffle_buffer_size, augment, aug_branch and
+      its parameters, cache).
     info: `get_dataset_info(config)`.
     start_step: the global step of the first batch.
     process_index: this process (default: jax.process_index()).
@@ -493,23 +647,13 @@ def train_batches(config: ml_collections.ConfigDict,
   local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  num_steps = steps_per_epoch(config, info)
-  source = _source(config, info, True, process_index, process_count)
+  steps_per_epoch(config, info)  # Refuses a batch larger than the split.
 
   def generate() -> Iterator[Batch]:
-    epoch, step_in_epoch = divmod(start_step, num_steps)
-    while True:
-      ds = source.epoch(epoch, step_in_epoch * local_batch)
-      ds = ds.batch(local_batch, drop_remainder=True)
-      num_batches = 0
-      for batch in _numpy_batches(ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), info):
-        yield batch
-        num_batches += 1
-      if num_batches != num_steps - step_in_epoch:
-        raise RuntimeError(f"Epoch {epoch} yielded {num_batches} batches from step "
-                           f"{step_in_epoch}, not the {num_steps - step_in_epoch} expected; "
-                           "processes would fall out of step.")
-      epoch, step_in_epoch = epoch + 1, 0
+    # Built at the first next(), so that reading a split into memory happens while iterating.
+    ds = _train_examples(config, info, process_index, process_count, start_step * local_batch)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from _numpy_batches(ds.with_options(_options()), info)
 
   return generate()
 
@@ -519,12 +663,14 @@ def eval_batches(config: ml_collections.ConfigDict,
                  *,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[Batch]:
-  """One pass over this process's slice of the eval split, in host-local padded batches.
+  """One pass over this process's slice of the eval split, in host-local batches with a mask.
 
-  Batches have config.eval_batch_size // process_count examples and a 'mask' (1.0 real, 0.0
-  padding). Every example of the split is in exactly one process's batches with mask 1, and all
-  processes yield the same number of batches (padding with fully masked ones), so collective
-  eval steps line up across hosts. Cheap to call at every eval: `info` is not resolved again.
+  Batches have config.eval_batch_size // process_count rows: 'image' uint8, 'label' int32 and
+  'mask' float32 (1.0 real, 0.0 padding). Only a short batch is padded (the last of a slice, and
+  the empty ones a process with a shorter slice adds so that all processes yield the same
+  number of batches and collective eval steps line up). Every example of the split is in
+  exactly one process's batches with mask 1. Cheap to call at every eval: `info` is not
+  resolved again.
 
   Raises:
     InputConfigError: eval_batch_size not divisible by process_count.
@@ -534,16 +680,31 @@ def eval_batches(config: ml_collections.ConfigDict,
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
   image_shape = info.image_shape
-  source = _source(config, info, False, process_index, process_count)
-  num_batches = -(-source.max_num_examples // local_batch)
-  ds = source.epoch(0, 0).batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+  if info.spec.source == "synthetic":
+    slices = [_even_slice(info.num_eval_examples, i, process_count) for i in range(process_count)]
+    sizes = [end - start for start, end in slices]
+    # Eval indices follow train ones so that the two splits hold different examples.
+    start, end = (bound + info.num_train_examples for bound in slices[process_index])
+    examples = tf.data.Dataset.range(start, end).map(_synthetic_example(config, info),
+                                                     tf.data.AUTOTUNE)
+  else:
+    splits = [tfds.split_for_jax_process(info.spec.eval_split, process_index=i,
+                                         process_count=process_count, drop_remainder=False)
+              for i in range(process_count)]
+    sizes = [info.builder.info.splits[split].num_examples for split in splits]
+    examples = _tfds_split(info, splits[process_index])
+  num_batches = -(-max(sizes) // local_batch)
+  ds = examples.map(_eval_preprocess(info), tf.data.AUTOTUNE).batch(local_batch)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
   def pad(batch: Batch) -> Batch:
     num_real = len(batch["label"])
     mask = np.zeros([local_batch], np.float32)
     mask[:num_real] = 1.0
+    if num_real == local_batch:
+      return {**batch, "mask": mask}
     padded = {"mask": mask}
-    for key, shape, dtype in (("image", image_shape, np.float32), ("label", (), np.int32)):
+    for key, shape, dtype in (("image", image_shape, np.uint8), ("label", (), np.int32)):
       value = np.zeros((local_batch, *shape), dtype)
       value[:num_real] = batch[key]
       padded[key] = value
@@ -557,7 +718,7 @@ def eval_batches(config: ml_collections.ConfigDict,
                            "from its size; processes would fall out of step.")
       yield pad(batch)
       num_yielded += 1
-    empty = {"image": np.zeros((0, *image_shape), np.float32), "label": np.zeros([0], np.int32)}
+    empty = {"image": np.zeros((0, *image_shape), np.uint8), "label": np.zeros([0], np.int32)}
     for _ in range(num_batches - num_yielded):
       yield pad(empty)
 

@@ -20,10 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = "fashion_mnist"  # fashion_mnist | cifar10 | imagenet2012 | synthetic
   config.data_dir = ml_collections.config_dict.placeholder(str)  # None until set.
   config.image_size = 0  # 0: the dataset's native size (28 for fashion_mnist, 32 for cifar10).
-  # Cache examples in host RAM: decoded pixels for small datasets, encoded JPEGs for ImageNet
-  # (~150 GB in all, split over the hosts); off by default because of the RAM it takes.
+  # Hold the whole train split in every process's RAM and permute all of it every epoch, which
+  # also makes batch t the same examples for any process count. Small datasets (fashion_mnist,
+  # cifar10) always are held; for ImageNet it means ~150 GB of JPEGs per process, so by default
+  # each process reads its own slice of the files (input_pipeline.data_order_key).
   config.cache = False
-  config.shuffle_buffer_size = 16_384
+  config.shuffle_buffer_size = 16_384  # Shuffle window of those file slices.
   # Train-time augmentation: Inception crop + flip (ImageNet), pad-and-crop + flip (small images).
   config.augment = True
   # Second view of every train example (batch["aug_image"], for the "aug" BN branch): an

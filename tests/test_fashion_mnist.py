@@ -184,3 +184,17 @@ def test_unreadable_prepared_copy_says_to_delete_it(tmp_path, offline):
   folder = data_dir / "fashion_mnist_idx"
   assert f"The prepared fashion_mnist_idx in {folder} cannot be read" in str(error.value)
   assert f"Delete {folder} and run again" in str(error.value)
+
+
+def test_prepare_false_only_reads_a_prepared_copy(tmp_path, offline):
+  """What processes other than 0 call: never convert, so two processes never write one folder."""
+  del offline
+  data_dir = tmp_path / "tfds"
+  _write_fashion_idx(data_dir)
+  with pytest.raises(fashion_mnist.FashionMnistNotPreparedError, match=str(data_dir)):
+    fashion_mnist.get_builder(str(data_dir), prepare=False)
+  assert not (data_dir / "fashion_mnist_idx").exists()  # Nothing was written.
+  prepared = fashion_mnist.get_builder(str(data_dir))
+  again = fashion_mnist.get_builder(str(data_dir), prepare=False)
+  assert again.data_path == prepared.data_path
+  assert _examples(again, "test") == _examples(prepared, "test")
