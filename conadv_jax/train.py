@@ -213,6 +213,14 @@ def evaluate(exp: experiment.Experiment, state: Any) -> dict[str, float]:
   return evaluation.evaluate(exp.eval_step, state, batches)
 
 
+def _periodic_eval(exp: experiment.Experiment, run: _Run,
+                   writer: metric_writers.MetricWriter) -> None:
+  """Evaluates at run.step and notes it in the record, so a resume knows it was done."""
+  results = evaluate(exp, run.state)
+  writer.write_scalars(run.step, {f"eval/{k}": v for k, v in results.items()})
+  run.record["last_eval_step"] = run.step
+
+
 def _fill_fifo(exp: experiment.Experiment, state: Any, first: list[Any]) -> Any:
   """Attacks on the first τ batches with θ_0, with progress for large τ."""
   started = time.time()
@@ -250,6 +258,10 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
     hooks.append(periodic_actions.Profile(
         logdir=checkpointer.workdir, num_profile_steps=config.profile_steps,
         first_profile=run.step + 3, every_secs=None))
+  # A preempted run skips the eval of its last step (the deadline is near); it runs here.
+  if (run.resumed and run.step % eval_every == 0 and 0 < run.step < exp.total_steps
+      and run.record.get("last_eval_step") != run.step):
+    _periodic_eval(exp, run, writer)
   signals = _StopSignals()
   pending = []
   last_log = (run.step, time.time())
@@ -279,12 +291,13 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
         writer.write_scalars(run.step, {f"train/{k}": v for k, v in summary.items()})
         run.record["last_train"] = summary
         lock.heartbeat()
+      # The last step's eval is _finish's. Evaluating before the save records it in the
+      # checkpoint, so a resume from this step neither repeats nor skips it.
+      if run.step % eval_every == 0 and not last and not stop:
+        _periodic_eval(exp, run, writer)
+        last_log = (run.step, time.time())  # Keep eval time out of the throughput.
       if save:
         checkpointer.save(run.step, run.state, run.record, force=bool(stop))
-      if run.step % eval_every == 0 and not last:  # The last step's eval is _finish's.
-        results = evaluate(exp, run.state)
-        writer.write_scalars(run.step, {f"eval/{k}": v for k, v in results.items()})
-        last_log = (run.step, time.time())  # Keep eval time out of the throughput.
       if stop:
         checkpointer.wait_until_finished()
         logging.warning("Stopped by %s: saved a checkpoint at step %d; the same command resumes.",

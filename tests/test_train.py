@@ -77,6 +77,24 @@ def test_stop_and_restart_is_bit_identical(uninterrupted, preset, tmp_path, monk
   assert 5 in steps  # The stop step's metrics were logged before its checkpoint.
 
 
+@pytest.mark.parametrize("stop_at", [6, 8])
+def test_no_eval_at_the_preemption_step_and_every_eval_once(uninterrupted, stop_at, tmp_path,
+                                                            monkeypatch):
+  """Stopped at an eval step (6) the eval runs after the resume; stopped at a checkpoint step
+  (8, after the eval at 6 was checkpointed) nothing is evaluated twice."""
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                  lambda self, step: step == stop_at)
+    train.train_and_evaluate(smoke_config("conadv"), str(tmp_path))
+  evals = [l["step"] for l in read_jsonl(str(tmp_path)) if l["kind"] == "eval"]
+  assert evals == [6] * (stop_at > 6)  # Not at the stop step itself.
+  resumed = train.train_and_evaluate(smoke_config("conadv"), str(tmp_path))
+  assert resumed["param_fingerprint"] == uninterrupted["conadv"][1]["param_fingerprint"]
+  lines = read_jsonl(str(tmp_path))
+  assert [l for l in lines if l["kind"] == "eval"] == [
+      l for l in read_jsonl(uninterrupted["conadv"][0]) if l["kind"] == "eval"]
+
+
 def test_restart_after_a_crash_drops_metrics_past_the_checkpoint(tmp_path):
   workdir = str(tmp_path)
   # Pretend a crash at step 11: checkpoints up to 8 survive, metrics went up to step 10.

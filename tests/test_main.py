@@ -1,0 +1,41 @@
+"""Shrunken copies of the paper's ImageNet presets run through main.py on a CPU.
+
+Only overrides (the ones in configs/imagenet_resnet50.py's docstring): synthetic data, 32-pixel
+images, a batch of 16 with BN groups of 4, 3 steps. Everything else is the preset's: ResNet-50
+with the reference init, three branches (AutoAugment view), losses averaged, the ε = 4 attack
+with one coin per batch, LARS. With and without gradient accumulation.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from cpu_env import cpu_env
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHRINK = ["--config.dataset=synthetic", "--config.image_size=32", "--config.batch_size=16",
+          "--config.bn_group_size=4", "--config.num_train_steps=3", "--config.eval_batch_size=16",
+          "--config.synthetic_num_examples=64", "--config.synthetic_num_classes=10",
+          "--config.checkpoint_every_steps=2"]
+
+
+@pytest.mark.parametrize("preset,accum", [("conadv_aa_96k", 1), ("conadv_aa_96k", 2),
+                                          ("vanilla_aa_4k", 1), ("vanilla_aa_4k", 2)])
+def test_shrunken_imagenet_preset_runs_through_main(preset, accum, tmp_path):
+  workdir = tmp_path / preset
+  command = [sys.executable, str(REPO / "main.py"),
+             f"--config={REPO / 'configs' / 'imagenet_resnet50.py'}:{preset}",
+             f"--workdir={workdir}", *SHRINK, f"--config.grad_accum_steps={accum}"]
+  done = subprocess.run(command, cwd=REPO, env=cpu_env(1), capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  config = results["config"]
+  assert results["final_step"] == 3 and config["grad_accum_steps"] == accum
+  assert (config["model"], config["aug_branch"], config["loss_weighting"]) == (
+      "ResNet50", "autoaugment", "mean")
+  train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "train"]
+  assert train and {"aug_loss", "clean_loss"} <= set(train[-1])
+  assert ("adv_loss" in train[-1]) == preset.startswith("conadv")
