@@ -171,9 +171,20 @@ def _create_or_restore(exp: experiment.Experiment,
                        checkpointer: checkpointing.Checkpointer) -> _Run:
   """The newest checkpoint's state if there is one, else a fresh state; config changes said."""
   current = config_history.flatten(exp.config)
+  data_order = input_pipeline.data_order_key(exp.config, exp.info)
   restored = checkpointer.restore_latest(exp.abstract_state(), current)
   if restored is None:
-    return _Run(exp.init_state(), 0, False, {"config": current, "history": []})
+    return _Run(exp.init_state(), 0, False,
+                {"config": current, "history": [], "data_order": data_order})
+  saved_order = restored.record.get("data_order", data_order)  # Older records: unchecked.
+  if saved_order != data_order:
+    raise checkpointing.CheckpointMismatchError(
+        f"The checkpoint in {checkpointer.directory} (step {restored.step}) was trained with the "
+        f"data read as {saved_order or 'one global order'}, but this run would read it as "
+        f"{data_order or 'one global order'}: batch t would hold other examples, and steps "
+        "would be repeated or skipped. Resume with the same number of processes as before, or "
+        "set config.cache=True from the start of a run (one global order for any number of "
+        "processes; see docs/reliability.md), or start in a new --workdir.")
   if restored.step > exp.total_steps:
     raise checkpointing.CheckpointMismatchError(
         f"The checkpoint in {checkpointer.directory} is at step {restored.step}, past this run's "

@@ -237,6 +237,24 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run,
   assert _steps(workdir) == list(range(1, 13))
 
 
+def test_two_process_run_resumes_with_one_process(single_run, two_process_run, tmp_path):
+  """A job preempted on 2 hosts continues on 1: batch t is the same examples for any process
+  count (synthetic data has one global order), so it ends where the 1-process run ends."""
+  reference, _, _ = two_process_run
+  workdir = tmp_path / "workdir"
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")  # As if preempted after the step-8 checkpoint.
+  (workdir / "results.json").unlink()
+  output = _run(tmp_path / "one_process.log", workdir)
+  assert "resuming from step 8 " in output and "Process 0 of 2" not in output
+  one, resumed = _results(single_run), _results(workdir)
+  assert resumed["final_step"] == 12 and resumed["eval"]["num_examples"] == 64
+  for key in ("loss", "top1", "adv_top1"):
+    assert abs(resumed["eval"][key] - one["eval"][key]) <= 1e-4, (key, one["eval"],
+                                                                   resumed["eval"])
+  assert _steps(workdir) == list(range(2, 13, 2)) and _steps(workdir, "eval") == [6, 12]
+
+
 def _damage(checkpoint: pathlib.Path, how: str) -> pathlib.Path:
   """Truncates to half, or deletes, the largest file of a checkpoint's state (the FIFO's data)."""
   victim = max((p for p in (checkpoint / "state").rglob("*") if p.is_file()),

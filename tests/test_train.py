@@ -113,6 +113,20 @@ def test_a_different_experiment_in_the_workdir_is_refused(uninterrupted, tmp_pat
     train.train_and_evaluate(smoke_config("conadv"), workdir)
 
 
+def test_resume_with_another_data_layout_is_refused(tmp_path, monkeypatch):
+  """ImageNet without cache reads per-process file slices: its checkpoint records the layout,
+  and a resume that would read the data in another layout is refused, not mixed."""
+  layouts = iter(["imagenet2012: TFDS file slices over 2 processes",
+                  "imagenet2012: TFDS file slices over 1 process"])
+  monkeypatch.setattr(train.input_pipeline, "data_order_key",
+                      lambda config, info, process_count=None: next(layouts))
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config("vanilla", num_train_steps=4), workdir)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"over 2 processes, but this run would read it as .*over 1 process"):
+    train.train_and_evaluate(smoke_config("vanilla", num_train_steps=6), workdir)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints_finite(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config("conadv", num_train_steps=8), workdir)
