@@ -78,7 +78,9 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: Any, *, num_iterations: int,
   sees every estimate; the loss's own jit (or chunking) bounds the memory.
 
   Args:
-    loss_fn: params -> scalar, differentiable twice (e.g. make_training_loss).
+    loss_fn: params -> scalar, differentiable twice (e.g. make_training_loss). Arrays it
+      closes over become constants of the compiled program; hold large ones as the arguments
+      of a jax.tree_util.Partial (as make_training_loss does) instead.
     params: the point (a pytree of float arrays) where the Hessian is taken.
     num_iterations: the most Hessian-vector products to compute (>= 1).
     rng: key of the starting vector.
@@ -89,9 +91,13 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: Any, *, num_iterations: int,
   """
   if num_iterations < 1:
     raise ValueError(f"num_iterations={num_iterations}: power iteration needs at least 1.")
+  # Passed to jit as an argument: a Partial's arrays (make_training_loss's examples) are then
+  # inputs of the program, not constants copied into it.
+  if not isinstance(loss_fn, jax.tree_util.Partial):
+    loss_fn = jax.tree_util.Partial(loss_fn)
 
   @jax.jit
-  def step(params, vector):
+  def step(loss_fn, params, vector):
     product = hessian_vector_product(loss_fn, params, vector)
     eigenvalue = _tree_vdot(vector, product)
     norm = jnp.sqrt(_tree_vdot(product, product))
@@ -103,7 +109,7 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: Any, *, num_iterations: int,
   vector = _random_unit_vector(rng, params)
   previous, relative_change = None, float("inf")
   for iteration in range(1, num_iterations + 1):
-    eigenvalue, vector = step(params, vector)
+    eigenvalue, vector = step(loss_fn, params, vector)
     eigenvalue = float(eigenvalue)
     if previous is not None:
       scale = max(abs(eigenvalue), abs(previous))
@@ -116,8 +122,12 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: Any, *, num_iterations: int,
 
 def make_training_loss(forward: ForwardFn, batch_stats: Any, images: jax.Array,
                        labels: jax.Array, *, chunk_size: int = 256,
-                       label_smoothing: float = 0.0) -> LossFn:
+                       label_smoothing: float = 0.0) -> jax.tree_util.Partial:
   """loss(params): mean cross-entropy over (images, labels), main BN in inference mode.
+
+  The loss is a jax.tree_util.Partial holding the examples and `batch_stats` as pytree leaves,
+  so a jitted function that takes it as an argument reads them as inputs; closed over, they
+  would be copied into the compiled program as constants (hundreds of MB for ImageNet).
 
   The examples are split into chunks of `chunk_size` (the last one padded with weight 0), whose
   losses are summed by `lax.scan` with each chunk rematerialised (`jax.checkpoint`): the
@@ -150,7 +160,7 @@ def make_training_loss(forward: ForwardFn, batch_stats: Any, images: jax.Array,
   chunks = (images.reshape(num_chunks, chunk_size, *images.shape[1:]),
             labels.reshape(num_chunks, chunk_size), weights.reshape(num_chunks, chunk_size))
 
-  def loss(params) -> jax.Array:
+  def loss(chunks, batch_stats, params) -> jax.Array:
     @jax.checkpoint
     def chunk_loss(chunk):
       chunk_images, chunk_labels, chunk_weights = chunk
@@ -165,4 +175,4 @@ def make_training_loss(forward: ForwardFn, batch_stats: Any, images: jax.Array,
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
     return total / num_examples
 
-  return loss
+  return jax.tree_util.Partial(loss, chunks, batch_stats)

@@ -149,3 +149,17 @@ def test_memory_of_a_product_does_not_grow_with_the_number_of_chunks():
     temp[num_examples] = compiled.memory_analysis().temp_size_in_bytes
   # Without the rematerialisation, 8 chunks take about 7 times the memory of 1.
   assert temp[256] < 1.5 * temp[32], temp
+
+
+def test_examples_are_inputs_of_the_compiled_product_not_constants():
+  """4,096 Fashion-MNIST-sized images (3.2 MB) must not be copied into the program text."""
+  model, _, batch_stats, _, _ = tiny_mlp()
+  rng = np.random.RandomState(0)
+  images = rng.randint(0, 256, (4096, 28, 28, 1)).astype(np.uint8)
+  labels = rng.randint(0, 3, 4096)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
+                                             train=False))["params"]
+  loss = sharpness.make_training_loss(conadv.linen_forward(model), batch_stats, images, labels,
+                                      chunk_size=512)
+  text = jax.jit(sharpness.hessian_vector_product).lower(loss, params, params).as_text()
+  assert len(text) < 200_000, len(text)
