@@ -95,6 +95,21 @@ def test_no_eval_at_the_preemption_step_and_every_eval_once(uninterrupted, stop_
       l for l in read_jsonl(uninterrupted["conadv"][0]) if l["kind"] == "eval"]
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_three_branches_stop_and_restart_is_bit_identical(accum, tmp_path, monkeypatch):
+  """The AutoAugment view and gradient accumulation keep exact resume."""
+  config = lambda: smoke_config("conadv_aa", grad_accum_steps=accum)
+  full = train.train_and_evaluate(config(), str(tmp_path / "full"))
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpointer, "reached_preemption",
+                  lambda self, step: step == 7)
+    assert train.train_and_evaluate(config(), str(tmp_path / "stopped"))["stopped_at_step"] == 7
+  resumed = train.train_and_evaluate(config(), str(tmp_path / "stopped"))
+  assert resumed["param_fingerprint"] == full["param_fingerprint"]
+  assert resumed["eval"] == full["eval"]
+  assert "aug_loss" in read_jsonl(str(tmp_path / "full"))[0]
+
+
 def test_restart_after_a_crash_drops_metrics_past_the_checkpoint(tmp_path):
   workdir = str(tmp_path)
   # Pretend a crash at step 11: checkpoints up to 8 survive, metrics went up to step 10.
