@@ -39,9 +39,9 @@ class PowerIterationResult(NamedTuple):
     eigenvalue: the Rayleigh quotient vᵀHv of the last unit vector v: the estimate of the
       eigenvalue of largest magnitude (negative if that one is; at a minimum it is the largest).
     num_iterations: Hessian-vector products computed (<= the num_iterations asked for).
-    relative_change: |λ_k − λ_{k−1}| / |λ_k| at the last iteration; inf after a single one. A
-      value far above the tolerance means the estimate had not settled: the top two eigenvalues
-      are close in magnitude, and more iterations are needed.
+    relative_change: |λ_k − λ_{k−1}| / max(|λ_k|, |λ_{k−1}|) at the last iteration; inf after
+      a single one. A value far above the tolerance means the estimate had not settled: the top
+      two eigenvalues are close in magnitude, and more iterations are needed.
   """
   eigenvalue: float
   num_iterations: int
@@ -61,10 +61,10 @@ def _tree_vdot(a: Any, b: Any) -> jax.Array:
 def _random_unit_vector(rng: jax.Array, params: Any) -> Any:
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(rng, len(leaves))
-  vector = treedef.unflatten([jax.random.normal(k, jnp.shape(x), jnp.float32)
-                              for k, x in zip(keys, leaves)])
-  norm = jnp.sqrt(_tree_vdot(vector, vector))
-  return jax.tree.map(lambda x: x / norm, vector)
+  vector = [jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+  norm = jnp.sqrt(sum(jnp.vdot(v, v) for v in vector))
+  # jax.jvp wants tangents of the parameters' own dtypes.
+  return treedef.unflatten([(v / norm).astype(jnp.result_type(x)) for v, x in zip(vector, leaves)])
 
 
 def top_hessian_eigenvalue(loss_fn: LossFn, params: Any, *, num_iterations: int,
@@ -75,7 +75,8 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: Any, *, num_iterations: int,
   λ = vᵀHv (a Rayleigh quotient: its error shrinks like (λ₂/λ₁)^{2k}, twice as fast as v's).
   Stops after `num_iterations` products, or earlier once the estimate changes by less than
   `tolerance` relative to itself (0: never earlier). Each product is one jitted call, so the host
-  sees every estimate; the loss's own jit (or chunking) bounds the memory.
+  sees every estimate; its memory is that of about two gradients of `loss_fn` (chunked by
+  make_training_loss).
 
   Args:
     loss_fn: params -> scalar, differentiable twice (e.g. make_training_loss). Arrays it
