@@ -21,7 +21,7 @@ DATA_ORDER_FIELDS = ("dataset", "seed", "batch_size", "image_size", "augment", "
                      "shuffle_buffer_size", "synthetic_num_examples", "synthetic_num_classes",
                      "aug_branch", "randaugment_num_layers", "randaugment_magnitude")
 # Fields that decide what one step computes; the steps already taken used the saved values.
-STEP_MEANING_FIELDS = ("method", "staleness")
+STEP_MEANING_FIELDS = ("method", "staleness", "model_init")
 # Changing these recomputes the learning-rate schedule for the new length.
 _SCHEDULE_FIELDS = ("num_epochs", "num_train_steps", "warmup_epochs", "lr_schedule",
                     "lr_decay_power", "learning_rate", "end_learning_rate")

@@ -156,7 +156,7 @@ def test_every_field_that_changes_the_data_is_refused_on_resume():
   base.update(dict(image_size=8, synthetic_num_examples=128))
   reference = _first_batches(base)
   perturbed = {bool: lambda v: not v, int: lambda v: v + 1 if v != -1 else 3,
-               float: lambda v: v * 0.5 + 0.25, str: None, type(None): None}
+               float: lambda v: v * 0.5 + 0.25, str: None, type(None): None, list: None}
   changes_data = []
   for field, value in config_history.flatten(base).items():
     change = perturbed[type(value)]
