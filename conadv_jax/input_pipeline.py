@@ -553,6 +553,10 @@ def _numpy_batches(ds: tf.data.Dataset, info: DatasetInfo) -> Iterator[Batch]:
   """Iterates `ds`, turning read errors of a prepared copy into CorruptDataError."""
   try:
     yield from ds.as_numpy_iterator()
+  except GeneratorExit:
+    # An unfinished stream closed at interpreter exit, when `tf` may already be torn down:
+    # leave before the next clause looks up tf.errors (a noisy AttributeError otherwise).
+    raise
   except (tf.errors.DataLossError, tf.errors.FailedPreconditionError) as e:
     # DataLossError: a record fails its checksum or is cut short. FailedPreconditionError: fewer
     # records than the metadata promises (a truncated file).
