@@ -13,7 +13,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from conadv_jax import attacks, config_history, conadv, datasets, errors, models, optim
+from conadv_jax import (attacks, config_history, conadv, datasets, errors, models, optim,
+                        parallel)
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -85,6 +86,7 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "attack.targeted": (_BOOL, _ANY),
     "attack.random_start": (_STR, _one_of(attacks.RANDOM_STARTS)),
     "loss_weighting": (_STR, _one_of(conadv.LOSS_WEIGHTINGS)),
+    "task_layout": (_STR, _one_of(parallel.TASK_LAYOUTS)),
     "grad_accum_steps": (_INT, _at_least(1)),
     "batch_size": (_INT, _at_least(1)),
     "num_epochs": (_FLOAT, _FINITE),
@@ -144,6 +146,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            "set --config.staleness=0 or --config.method=conadv")
   _require(config.method != "conadv" or config.staleness >= 1, "staleness", config.staleness,
            "conadv needs staleness >= 1 (staleness 0 is method='disadv')")
+  split = config.task_layout == "split"
+  _require(not split or config.method == "conadv", "task_layout", config.task_layout,
+           "split runs ConAdv's task B (the attack on batch t+τ) on devices of its own, so it "
+           f"needs method='conadv' with staleness >= 1 (method is {config.method!r}); use "
+           "task_layout='shared'")
+  _require(not split or num_devices % 2 == 0, "task_layout", config.task_layout,
+           "split puts tasks A and B on two equal halves of the devices, so it needs an even "
+           f"number of devices ({num_devices} here); use task_layout='shared'")
 
   _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
            f"it must be a positive multiple of the {num_devices} devices")

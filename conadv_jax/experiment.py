@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from conadv_jax import attacks, conadv, evaluation, input_pipeline, models, optim, parallel
+from conadv_jax import (attacks, conadv, evaluation, input_pipeline, models, optim, parallel,
+                        split_layout)
 
 
 def method_config(config: ml_collections.ConfigDict, num_classes: int) -> conadv.MethodConfig:
@@ -50,6 +51,11 @@ class Experiment:
     return max(round(self.steps_per_epoch), 1)
 
   @property
+  def task_layout(self) -> str:
+    """The mesh's task layout, "shared" or "split" (build() makes it config.task_layout's)."""
+    return parallel.layout_of(self.mesh)
+
+  @property
   def batch_shape(self) -> tuple[int, ...]:
     return (self.config.batch_size, *self.info.image_shape)
 
@@ -66,36 +72,69 @@ class Experiment:
   @functools.cached_property
   def train_step(self) -> Callable:
     """(state, batch_t, batch_t+τ) -> (state, metrics), jitted with the state donated."""
-    step = conadv.make_train_step(self.forward, self.tx, self.method, self.learning_rate_fn,
-                                  num_shards=self.mesh.size)
+    if self.task_layout == "split":
+      step = split_layout.make_train_step(self.forward, self.tx, self.method,
+                                          self.learning_rate_fn, mesh=self.mesh,
+                                          state_shape=self.state_shape)
+    else:
+      step = conadv.make_train_step(self.forward, self.tx, self.method, self.learning_rate_fn,
+                                    num_shards=self.mesh.size)
     return parallel.jit_train_step(step, self.mesh, self.state_shape)
 
   @functools.cached_property
   def fill_fifo(self) -> Callable:
     """(state, τ batches, on_slot=None) -> state whose FIFO holds their attacks with θ."""
-    fill_slot = conadv.make_fill_fifo(self.forward, self.method, num_shards=self.mesh.size)
+    if self.task_layout == "split":
+      fill_slot = split_layout.make_fill_fifo(self.forward, self.method, mesh=self.mesh,
+                                              state_shape=self.state_shape)
+    else:
+      fill_slot = conadv.make_fill_fifo(self.forward, self.method, num_shards=self.mesh.size)
     return parallel.jit_fill_fifo(fill_slot, self.mesh, self.state_shape)
 
   @functools.cached_property
   def eval_step(self) -> Callable:
-    return jax.jit(evaluation.make_eval_step(self.forward, self.method,
-                                             self.config.eval_adversarial))
+    step = evaluation.make_eval_step(self.forward, self.method, self.config.eval_adversarial)
+    if self.task_layout == "split":
+      # Eval batches arrive sharded over "data" only (held by both tasks' devices); spread each
+      # over all N devices (a local slice, no transfer) so the eval is not computed twice.
+      spread = jax.sharding.NamedSharding(
+          self.mesh, jax.sharding.PartitionSpec((parallel.DATA_AXIS, parallel.TASK_AXIS)))
+      inner = step
+
+      def step(state, batch, batch_index):
+        return inner(state, jax.lax.with_sharding_constraint(batch, spread), batch_index)
+    return jax.jit(step)
 
   def fifo_bytes_per_device(self) -> int:
-    """Memory of the adversarial FIFO on each device (it is sharded like the batches)."""
+    """Memory of the adversarial FIFO on each device (it is sharded like the batches).
+
+    In the split layout both devices of a "data" column hold the column's rows: twice the
+    shared layout's share.
+    """
     leaves = jax.tree.leaves(self.state_shape.adv_fifo)
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) // self.mesh.size
+    return (sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) //
+            parallel.num_batch_shards(self.mesh))
 
 
 def build(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
           mesh: jax.sharding.Mesh | None = None) -> Experiment:
-  """Everything a run of `config` on data `info` needs, on `mesh` (default: all devices)."""
-  mesh = parallel.make_mesh() if mesh is None else mesh
+  """Everything a run of `config` on data `info` needs, on `mesh` (default: all devices).
+
+  The mesh's layout must be config.task_layout's (parallel.make_mesh(devices, layout)).
+  """
+  if mesh is None:
+    mesh = parallel.make_mesh(layout=config.task_layout)
+  elif parallel.layout_of(mesh) != config.task_layout:
+    raise ValueError(f"config.task_layout={config.task_layout!r} but the mesh given has axes "
+                     f"{mesh.axis_names} (layout {parallel.layout_of(mesh)!r}); make it with "
+                     f"parallel.make_mesh(devices, {config.task_layout!r}).")
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
   total_steps = optim.total_train_steps(config, steps_per_epoch)
   tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch, total_steps)
   model = models.create_model_from_config(config, info.spec, mesh.size)
   method = method_config(config, info.num_classes)
+  if config.task_layout == "split":
+    split_layout.check_method(method)
 
   def init_fn() -> conadv.TrainState:
     init_rng, attack_rng = jax.random.split(jax.random.PRNGKey(config.seed))

@@ -1,6 +1,21 @@
-"""SPMD layout: one `data` mesh axis; state replicated, batches and the adversarial FIFO sharded.
+"""SPMD layout: the mesh, the shardings, and jit with the state donated.
 
-The same jitted program runs on 1 CPU, 8 fake CPU devices or a pod: only the mesh changes.
+Two task layouts (config.task_layout):
+
+* "shared": a 1-D mesh ("data",). Every device runs tasks A and B of ConAdv (and the only task
+  of vanilla and DisAdv) on its slice of the batch. State replicated, batches and the
+  adversarial FIFO sharded over "data".
+* "split": a 2-D mesh ("task", "data") of shape (2, N/2). Devices of task 0 run task A, devices
+  of task 1 run task B, at the same time (conadv_jax/split_layout.py). The same shardings apply
+  unchanged: a PartitionSpec that does not name "task" is replicated over it, so each batch and
+  the FIFO are sharded over "data" and held by both devices of a "data" column.
+
+Device pairing in "split": data column j is (devices[2j], devices[2j+1]), both on one host
+(make_mesh refuses a pair that spans hosts). Each host then holds whole columns, covering one
+contiguous block of every batch's rows, the block its input pipeline reads: each host's pipeline
+feeds only its own devices (batch t to its task-0 devices, the same rows of batch t+τ to its
+task-1 devices), and the adversarial batch crosses from task 1 to task 0 inside a host. The same
+jitted program runs on 1 CPU, 4 fake CPU devices or a pod: only the mesh changes.
 """
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,15 +24,54 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conadv_jax import errors
 from conadv_jax.conadv import TrainState
 
 DATA_AXIS = "data"
+TASK_AXIS = "task"
+TASK_LAYOUTS = ("shared", "split")
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+class LayoutError(errors.UserError, ValueError):
+  """The devices cannot be arranged in the asked-for task layout."""
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, layout: str = "shared") -> Mesh:
+  """A mesh over all (or the given) devices: ("data",) for "shared", ("task", "data") for "split".
+
+  For "split", devices 2j and 2j+1 (in the given order; jax.devices() lists each process's
+  devices together) become data column j; see the module docstring for why a pair must not span
+  hosts.
+  """
+  if layout not in TASK_LAYOUTS:
+    raise ValueError(f"layout={layout!r}: choose one of {TASK_LAYOUTS}.")
+  devices = list(jax.devices() if devices is None else devices)
+  if layout == "shared":
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if len(devices) % 2:
+    raise LayoutError(f"task_layout='split' puts tasks A and B on two halves of the devices, so "
+                      f"it needs an even number of them; there are {len(devices)}.")
+  split_pairs = [(a.process_index, b.process_index) for a, b in zip(devices[0::2], devices[1::2])
+                 if a.process_index != b.process_index]
+  if split_pairs:
+    counts = {}
+    for d in devices:
+      counts[d.process_index] = counts.get(d.process_index, 0) + 1
+    raise LayoutError(
+        "task_layout='split' pairs a task-A and a task-B device on the same host, so every "
+        f"process needs an even number of devices (devices per process: {counts}). Run one "
+        "process per host with all its devices, or use task_layout='shared'.")
+  return Mesh(np.asarray(devices).reshape(-1, 2).T, (TASK_AXIS, DATA_AXIS))
+
+
+def layout_of(mesh: Mesh) -> str:
+  """The task layout of `mesh`: "split" if it has a "task" axis, else "shared"."""
+  return "split" if TASK_AXIS in mesh.axis_names else "shared"
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  """How many distinct slices a batch is cut into: the size of the "data" axis."""
+  return mesh.shape[DATA_AXIS]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -25,7 +79,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over devices."""
+  """Leading (batch) axis split over "data" (and, in "split", held by both tasks' devices)."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 

@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   # writes it; mean: that sum divided by the number of branches, as the reference code's one
   # concatenated batch does (its LR table was tuned for it; see docs/optimizers.md).
   config.loss_weighting = "sum"
+  # Where ConAdv's two tasks run. shared: every device runs tasks A and B on its slice of the
+  # batch, one after the other; split: half the devices run task A and the other half task B at
+  # the same time (needs conadv and an even number of devices). Same numbers either way, and a
+  # run may resume in the other layout; docs/performance.md says when split is faster.
+  config.task_layout = "shared"
 
   # Attack: L∞ PGD on the 0-255 pixel scale (reference defaults: one targeted step, ε = step = 9).
   config.attack = ml_collections.ConfigDict()
