@@ -65,6 +65,10 @@ NAME is "train", "eval" and "train_aug" (the augmented branch). `images` counts 
 Example (the run in docs/performance.md):
   python scripts/benchmark_input.py --num_train=512 --num_eval=256 --batch_size=32 \
       --steps=64 --repeats=3 --out=docs/bench_input.json
+To measure one commit while others edit the working tree, run it in a clean clone, so that
+`code` names exactly what ran:
+  git clone -q --shared --no-checkout . /tmp/at && git -C /tmp/at checkout -q COMMIT
+  cd /tmp/at && python scripts/benchmark_input.py ...
 """
 import dataclasses
 import datetime
@@ -428,7 +432,7 @@ def _git(*args: str) -> bytes | None:
   """git's output in this script's checkout; None where that is no git checkout.
 
   GIT_OPTIONAL_LOCKS=0: `git status` must not take index.lock in a checkout that others may be
-  committing in at the same moment. (GIT_DIR may point a copy of the tree at its repository.)
+  committing in at the same moment.
   """
   try:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True,
