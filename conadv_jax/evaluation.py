@@ -52,13 +52,14 @@ def example_indices(batch: Batch, batch_index: jax.Array) -> jax.Array:
   return batch_index * size + jnp.arange(size, dtype=jnp.int32)
 
 
-def make_eval_attack(forward: ForwardFn, cfg: MethodConfig):
-  """attack(state, batch, batch_index) -> the batch's adversarial images against the main BN.
+def make_main_bn_attack(forward: ForwardFn, num_classes: int, attack_config: attacks.AttackConfig,
+                        rng_offset: int):
+  """attack(state, batch, batch_index) -> adversarial images against the deployed model.
 
-  The deployed model (main BN, running averages) under the attack used in training. Each
-  example's random start and target come from (state.rng, its index in the split) alone, and in
-  eval mode its loss sees no other example, so its adversarial image, hence adv_top1, does not
-  depend on eval_batch_size, the device count or the padding.
+  The deployed model is the main BN with its running averages. Each example's random start and
+  target come from (state.rng, `rng_offset`, its index in the split) alone, and in eval mode its
+  loss sees no other example, so its adversarial image does not depend on eval_batch_size, the
+  device count or the padding.
   """
 
   def attack(state: TrainState, batch: Batch, batch_index: jax.Array) -> jax.Array:
@@ -66,11 +67,16 @@ def make_eval_attack(forward: ForwardFn, cfg: MethodConfig):
       logits = forward(state.params, state.batch_stats, images, train=False, branch=MAIN)[0]
       return losses.cross_entropy(logits, labels)
 
-    keys = _example_keys(state, _EVAL_RNG_OFFSET, batch, batch_index)
-    return attacks.pgd_linf(loss_fn, batch["image"], batch["label"], keys, cfg.attack,
-                            cfg.num_classes, rng_per_example=True)
+    keys = _example_keys(state, rng_offset, batch, batch_index)
+    return attacks.pgd_linf(loss_fn, batch["image"], batch["label"], keys, attack_config,
+                            num_classes, rng_per_example=True)
 
   return attack
+
+
+def make_eval_attack(forward: ForwardFn, cfg: MethodConfig):
+  """The training attack against the deployed model: what adv_top1 measures."""
+  return make_main_bn_attack(forward, cfg.num_classes, cfg.attack, _EVAL_RNG_OFFSET)
 
 
 def _example_keys(state: TrainState, offset: int, batch: Batch,
@@ -88,22 +94,8 @@ def robust_attack_config(epsilon: float, num_steps: int) -> attacks.AttackConfig
 
 
 def make_robust_attack(forward: ForwardFn, num_classes: int, pgd: attacks.AttackConfig):
-  """attack(state, batch, batch_index) -> PGD images against the deployed model (main BN).
-
-  Keyed per example like make_eval_attack, from its own stream of keys, so robust_top1 does not
-  depend on eval_batch_size, the device count or the padding.
-  """
-
-  def attack(state: TrainState, batch: Batch, batch_index: jax.Array) -> jax.Array:
-    def loss_fn(images, labels):
-      logits = forward(state.params, state.batch_stats, images, train=False, branch=MAIN)[0]
-      return losses.cross_entropy(logits, labels)
-
-    keys = _example_keys(state, _ROBUST_RNG_OFFSET, batch, batch_index)
-    return attacks.pgd_linf(loss_fn, batch["image"], batch["label"], keys, pgd, num_classes,
-                            rng_per_example=True)
-
-  return attack
+  """Untargeted PGD against the deployed model, from its own stream of keys: robust_top1."""
+  return make_main_bn_attack(forward, num_classes, pgd, _ROBUST_RNG_OFFSET)
 
 
 def make_robust_eval_step(forward: ForwardFn, num_classes: int, pgd: attacks.AttackConfig):
