@@ -49,7 +49,7 @@ runs these):
       --config.dataset=synthetic --config.image_size=32 --config.batch_size=16 \
       --config.bn_group_size=4 --config.num_train_steps=3 --config.eval_batch_size=16 \
       --config.synthetic_num_examples=64 --config.synthetic_num_classes=10 \
-      [--config.grad_accum_steps=2]
+      --config.eval_pgd_steps=0 [--config.grad_accum_steps=2]
 """
 import re
 

@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHRINK = ["--config.dataset=synthetic", "--config.image_size=32", "--config.batch_size=16",
           "--config.bn_group_size=4", "--config.num_train_steps=3", "--config.eval_batch_size=16",
           "--config.synthetic_num_examples=64", "--config.synthetic_num_classes=10",
-          "--config.checkpoint_every_steps=2"]
+          "--config.checkpoint_every_steps=2", "--config.eval_pgd_steps=0"]
 
 
 @pytest.mark.parametrize("preset,accum", [("conadv_aa_96k", 1), ("conadv_aa_96k", 2),
