@@ -1,4 +1,9 @@
-"""Runs scripts/benchmark_step.py at a tiny size and checks its JSON report (no timing checks)."""
+"""Runs scripts/benchmark_step.py at a tiny size and checks its JSON report (no timing checks).
+
+Both task layouts are timed, and the per-task costs and roofline projection are checked for
+what they must satisfy whatever the machine: task A is about two vanilla passes, costs grow
+with the rows, the split program counts as its larger branch.
+"""
 import json
 import os
 import pathlib
@@ -18,12 +23,15 @@ def test_benchmark_script_writes_report(tmp_path):
           " --xla_force_host_platform_device_count=2")
   proc = subprocess.run(
       [sys.executable, str(SCRIPT), "--batch_size=8", "--image_size=16", "--repeats=2",
-       "--warmup=1", "--small_resnet_width=4", f"--json={out}"],
-      env=env, timeout=300, capture_output=True, text=True, check=False)
+       "--warmup=1", "--small_resnet_width=4", "--task_layout=both", "--task_costs",
+       "--roofline=tpu_v3", "--roofline_cores=16", f"--json={out}"],
+      env=env, timeout=600, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   report = json.loads(out.read_text())
-  assert [r["method"] for r in report["results"]] == ["vanilla", "disadv", "conadv"]
+  assert [r["method"] for r in report["results"]] == ["vanilla", "disadv", "conadv",
+                                                       "conadv_split"]
+  assert [r["task_layout"] for r in report["results"]] == ["shared"] * 3 + ["split"]
   for result in report["results"]:
     for key in ("ms_per_step", "images_per_sec", "compile_s"):
       assert result[key] > 0, (result["method"], key)
@@ -33,4 +41,25 @@ def test_benchmark_script_writes_report(tmp_path):
   assert report["config"]["batch_size"] == 8
   assert report["config"]["channels"] == 1
   assert isinstance(report["device"], str)
-  assert set(report["ratios"]) >= {"conadv/disadv", "conadv/vanilla"}
+  assert set(report["ratios"]) >= {"conadv/disadv", "conadv/vanilla", "conadv_split/conadv"}
+
+  # Per-task costs at 4 rows (a device's share in the shared layout) and 8 (in split).
+  costs = {int(rows): c for rows, c in report["task_costs"].items()}
+  assert sorted(costs) == [4, 8]
+  flops = {rows: {task: c[task]["flops"] for task in ("vanilla", "task_a", "task_b")}
+           for rows, c in costs.items()}
+  for rows in (4, 8):  # Task A is two forward/backward passes; the attack needs no weight grad.
+    assert 1.8 < flops[rows]["task_a"] / flops[rows]["vanilla"] < 2.2, flops
+    assert flops[rows]["task_b"] < flops[rows]["vanilla"], flops
+    assert costs[rows]["task_a"]["bytes_accessed"] > 0
+  for task in ("vanilla", "task_a", "task_b"):  # Linear in the rows.
+    assert 1.8 < flops[8][task] / flops[4][task] < 2.2, flops
+  # The split step's FLOPs: XLA counts the larger branch of a conditional (task A on 8 rows).
+  split_flops = report["results"][3]["flops"]
+  assert 0.8 < split_flops / flops[8]["task_a"] < 1.2, (split_flops, flops)
+
+  projection = report["roofline_projection"]
+  steps = {name: step["ms"] for name, step in projection["steps"].items()}
+  assert projection["global_batch"] == 4 * 16 and steps["vanilla"] > 0
+  assert steps["disadv"] == steps["conadv_shared"] > steps["vanilla"]
+  assert steps["conadv_split_2x_cores"] < steps["conadv_shared"]
