@@ -252,45 +252,54 @@ def roofline_projection(costs: dict[int, dict[str, dict]], name: str, cores: int
   """Step-time projections (ms) of vanilla, DisAdv and ConAdv in both layouts; see the doc.
 
   A task on one core takes max(FLOPs / peak, bytes / HBM bandwidth) (the roofline bound: no
-  latency, perfect overlap of compute and memory within the task). Tasks on one core run one
-  after the other. The f32 gradient all-reduce takes 2·G / (all-reduce bandwidth per chip)
-  (a ring: each chip sends and receives ~2G; the two cores of a chip add on chip first) and is
-  not overlapped with compute. The update runs on every core after it.
+  latency, perfect overlap of compute and memory within the task); "steps_flops_only" keeps the
+  FLOP term alone, since the bytes are those of this backend's compiled program (a CPU's fuses
+  far less than a TPU's). Tasks on one core run one after the other. The f32 gradient
+  all-reduce takes 2·G / (all-reduce bandwidth per chip) (a ring: each chip sends and receives
+  ~2G; the two cores of a chip add on chip first) and is not overlapped with compute. The
+  update runs on every core after it.
   """
   hw = ROOFLINES[name]
   r, r2 = sorted(costs)
   if r2 != 2 * r:
     raise app.UsageError(f"--roofline needs --task_cost_rows=r,2r; got {r},{r2}.")
 
-  def task_ms(rows: int, task: str) -> float:
+  def task_ms(rows: int, task: str, memory: bool = True) -> float:
     c = costs[rows][task]
-    return 1e3 * max(c["flops"] / hw["peak_flops_per_s"],
-                     c["bytes_accessed"] / hw["hbm_bytes_per_s"])
+    compute = c["flops"] / hw["peak_flops_per_s"]
+    return 1e3 * (max(compute, c["bytes_accessed"] / hw["hbm_bytes_per_s"]) if memory else
+                  compute)
 
   allreduce_ms = 1e3 * 2 * costs[r]["gradient_bytes"]["bytes_accessed"] / (
       hw["allreduce_bytes_per_s_per_chip"])
-  update_ms = task_ms(r, "update")
   # The adversarial batch (uint8) from each task-B core to its task-A partner, at the same
   # per-chip bandwidth: an upper bound (the pair shares a chip).
   exchange_ms = lambda rows: 1e3 * rows * image_bytes / hw["allreduce_bytes_per_s_per_chip"]
-  common = allreduce_ms + update_ms
-  rows = {
-      "vanilla": (cores, r, task_ms(r, "vanilla") + common),
-      "disadv": (cores, r, task_ms(r, "task_b") + task_ms(r, "task_a") + common),
-      "conadv_shared": (cores, r, task_ms(r, "task_b") + task_ms(r, "task_a") + common),
-      "conadv_split": (cores, r2, max(task_ms(r2, "task_a"), task_ms(r2, "task_b")) + common +
-                       exchange_ms(r2)),
-      "conadv_split_2x_cores": (2 * cores, r, max(task_ms(r, "task_a"), task_ms(r, "task_b")) +
-                                common + exchange_ms(r)),
-  }
-  table = {k: {"cores": c, "rows_per_task_core": n, "ms": ms} for k, (c, n, ms) in rows.items()}
-  for entry in table.values():
-    entry["x_vanilla"] = entry["ms"] / table["vanilla"]["ms"]
+
+  def steps(memory: bool) -> dict[str, dict[str, float]]:
+    t = lambda rows, task: task_ms(rows, task, memory)
+    common = allreduce_ms + t(r, "update")
+    rows = {
+        "vanilla": (cores, r, t(r, "vanilla") + common),
+        "disadv": (cores, r, t(r, "task_b") + t(r, "task_a") + common),
+        "conadv_shared": (cores, r, t(r, "task_b") + t(r, "task_a") + common),
+        "conadv_split": (cores, r2, max(t(r2, "task_a"), t(r2, "task_b")) + common +
+                         exchange_ms(r2)),
+        "conadv_split_2x_cores": (2 * cores, r, max(t(r, "task_a"), t(r, "task_b")) + common +
+                                  exchange_ms(r)),
+    }
+    table = {k: {"cores": c, "rows_per_task_core": n, "ms": ms} for k, (c, n, ms) in rows.items()}
+    for entry in table.values():
+      entry["x_vanilla"] = entry["ms"] / table["vanilla"]["ms"]
+    return table
+
+  tasks = ("vanilla", "task_a", "task_b", "update")
   return {"hardware": name, "constants": hw, "global_batch": r * cores,
-          "task_ms": {str(n): {t: task_ms(n, t) for t in ("vanilla", "task_a", "task_b",
-                                                           "update")} for n in (r, r2)},
+          "task_ms": {str(n): {t: task_ms(n, t) for t in tasks} for n in (r, r2)},
+          "task_ms_flops_only": {str(n): {t: task_ms(n, t, False) for t in tasks}
+                                 for n in (r, r2)},
           "allreduce_ms": allreduce_ms, "exchange_ms": {str(n): exchange_ms(n) for n in (r, r2)},
-          "steps": table}
+          "steps": steps(memory=True), "steps_flops_only": steps(memory=False)}
 
 
 def _device_peak_bytes() -> int | None:
@@ -398,9 +407,11 @@ def main(argv: Sequence[str]) -> None:
                                        FLAGS.image_size ** 2 * channels + 4)
       print(f"\nRoofline projection ({FLAGS.roofline}, {FLAGS.roofline_cores} cores, "
             f"global batch {projection['global_batch']}):")
+      flops_only = projection["steps_flops_only"]
       for name, step in projection["steps"].items():
         print(f"{name:<22} {step['cores']:>5} cores {step['rows_per_task_core']:>4} rows "
-              f"{step['ms']:>8.3f} ms {step['x_vanilla']:>6.2f} x vanilla")
+              f"{step['ms']:>8.3f} ms {step['x_vanilla']:>6.2f} x vanilla; FLOPs alone "
+              f"{flops_only[name]['ms']:>7.3f} ms {flops_only[name]['x_vanilla']:>6.2f} x")
 
   if FLAGS.json:
     config = {name: FLAGS[name].value for name in (
