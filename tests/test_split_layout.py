@@ -361,7 +361,8 @@ def test_validation_refuses_what_split_cannot_run(overrides, num_devices, messag
 def test_main_refuses_split_for_disadv_before_compiling(tmp_path):
   start = time.monotonic()
   proc = subprocess.run(
-      [sys.executable, str(REPO / "main.py"), f"--config={REPO / 'configs' / 'cpu_smoke.py'}:disadv",
+      [sys.executable, str(REPO / "main.py"),
+       f"--config={REPO / 'configs' / 'cpu_smoke.py'}:disadv",
        f"--workdir={tmp_path / 'workdir'}", "--config.task_layout=split"],
       cwd=REPO, env=cpu_env(4), capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 2, proc.stderr[-3000:]
