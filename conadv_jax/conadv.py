@@ -254,16 +254,23 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: M
       new_adv = jax.tree.map(lambda x: merge_micro(x, num_shards), new_adv)
       adv_fifo = jax.tree.map(lambda f, n: f.at[state.step % cfg.staleness].set(n), adv_fifo,
                               new_adv)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics |= {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
-    if learning_rate_fn is not None:
-      metrics["learning_rate"] = learning_rate_fn(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, adv_fifo=adv_fifo)
-    return new_state, metrics
+    return apply_update(state, tx, grads, batch_stats, adv_fifo, metrics, learning_rate_fn)
 
   return train_step
+
+
+def apply_update(state: TrainState, tx: optax.GradientTransformation, grads: Any,
+                 batch_stats: Any, adv_fifo: Batch | None, metrics: dict[str, jax.Array],
+                 learning_rate_fn: Callable[[jax.Array], jax.Array] | None):
+  """The end of every step, whatever the layout: one optimizer update and the step's metrics."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics |= {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, adv_fifo=adv_fifo)
+  return new_state, metrics
 
 
 def make_fill_fifo(forward: ForwardFn, cfg: MethodConfig, *, num_shards: int = 1):

@@ -153,14 +153,8 @@ def make_train_step(forward: ForwardFn, tx: optax.GradientTransformation, cfg: M
 
     batch_stats = jax.tree.map(jnp.add, state.batch_stats, stats_change)
     adv_fifo = jax.tree.map(lambda f, n: f.at[slot].set(n), state.adv_fifo, new_adv)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics |= {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
-    if learning_rate_fn is not None:
-      metrics["learning_rate"] = learning_rate_fn(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, adv_fifo=adv_fifo)
-    return new_state, metrics
+    return conadv.apply_update(state, tx, grads, batch_stats, adv_fifo, metrics,
+                               learning_rate_fn)
 
   specs = _state_specs(mesh, state_shape)
   return jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA), P(DATA)),

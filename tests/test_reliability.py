@@ -310,7 +310,7 @@ def test_checkpoint_part_of_one_process_damaged_both_fall_back(two_process_run, 
   shutil.copytree(reference, workdir)
   # FIFO rows 24..31 (of 32): process 1's second device. Zeroed: the chunk no longer decodes.
   path, offset, length = _chunk_bytes(workdir / "checkpoints" / "12" / "state",
-                                      "adv_fifo/0.3.0.0.0")
+                                      "adv_fifo.image/0.3.0.0.0")
   with open(path, "r+b") as f:
     f.seek(offset)
     f.write(bytes(length))
