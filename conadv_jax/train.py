@@ -332,6 +332,7 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
       eval_results["robust_top1"] = robust
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
     run.record["final_eval"] = {"step": run.step, "results": eval_results}
+    run.record["last_eval_step"] = run.step  # A longer rerun must not evaluate this step again.
   final_eval = run.record["final_eval"]
   if "sharpness" not in final_eval:  # Also a finished run measured before sharpness existed.
     final_eval["sharpness"] = evaluation.final_sharpness(exp.config, exp.info, exp.mesh,

@@ -64,7 +64,7 @@ CASES = [
     (["--config.seed=-1"], "seed"),
     (["--config.synthetic_num_classes=1"], "synthetic_num_classes"),
     (["--config.fifo_memory_limit_gib=-1"], "fifo_memory_limit_gib"),
-    (["--config.fifo_memory_limit_gib=0.00001"], "staleness"),  # The FIFO needs 0.00009 GiB.
+    (["--config.fifo_memory_limit_gib=0.000001"], "staleness"),  # The FIFO needs 0.0000058 GiB.
 ]
 
 

@@ -428,7 +428,7 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(single_r
   log = tmp_path / "main.log"
   # The limit is set in the child itself (a preexec_fn would fork this multithreaded process).
   limited = ("import os, resource, sys; "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000)); "
              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
   with open(log, "w") as f:
     status = subprocess.run(

@@ -98,7 +98,7 @@ def test_no_eval_at_the_preemption_step_and_every_eval_once(uninterrupted, stop_
 @pytest.mark.parametrize("accum", [1, 2])
 def test_three_branches_stop_and_restart_is_bit_identical(accum, tmp_path, monkeypatch):
   """The AutoAugment view and gradient accumulation keep exact resume."""
-  config = lambda: smoke_config("conadv_aa", grad_accum_steps=accum)
+  config = lambda: smoke_config("conadv_aa", grad_accum_steps=accum, bn_group_size=4)
   full = train.train_and_evaluate(config(), str(tmp_path / "full"))
   with monkeypatch.context() as patch:
     patch.setattr(checkpointing.Checkpointer, "reached_preemption",
