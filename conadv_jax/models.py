@@ -13,8 +13,8 @@ Two initialisation and padding conventions (`model_init`):
 * "flax": the Flax examples' ResNet: kernels variance_scaling(2.0, "fan_out", "normal"), every
   strided convolution padded "SAME" (for a 3x3 kernel at stride 2 on an even size: 0 before, 1
   after), Flax's default (LeCun normal) head.
-* "reference": the tensorflow/tpu ResNet the paper's code forks (PAPER.md, "Model conventions of
-  the reference"): strided convolutions pad k-1 explicitly, (k-1)//2 before and the rest after,
+* "reference": the tensorflow/tpu ResNet that the paper's released reference code forks:
+  strided convolutions pad k-1 explicitly, (k-1)//2 before and the rest after,
   then convolve VALID ("fixed padding"); stride-1 convolutions use SAME; kernels
   variance_scaling(1.0, "fan_in", "truncated_normal"); head kernel N(0, 0.01), bias 0. Under
   LARS the initial weight norms act as per-layer learning rates, so the LR table of the paper

@@ -15,8 +15,9 @@ BATCH one of 1k 4k 8k 16k 32k 64k 96k. The default is conadv_32k.
 | (baseline: LARS + AutoAugment)        | vanilla_aa_96k  | not in the table |
 Not reproduced here: they need a TPU pod or GPU cluster and a prepared imagenet2012.
 
-The settings are those of the run behind the paper's numbers (the authors' TensorFlow code; see
-../shared/PAPER.md and docs/optimizers.md):
+The settings are those of the run behind the paper's numbers (the paper's released reference
+code, in TensorFlow; docs/optimizers.md, "ImageNet / ResNet-50 recipe" and "Which preset
+reproduces which number", lists them and what still differs):
 * LARS (trust 0.001, eps 0, momentum 0.92, weight decay 5e-5, none of either on BN parameters
   and biases), peak LR and warmup by batch bracket, polynomial decay with power 1.6 to 0, label
   smoothing 0.1, bfloat16. Schedules in fractional epochs (N / B steps per epoch): 91 epochs
@@ -39,9 +40,11 @@ Differences from the reference that remain: ε is one number (4) for every chann
 (the reference builds them but attacks with the current ones); the loss of each branch is
 computed in its own forward pass rather than one concatenated batch (the same mean).
 
-With 8 accelerators, the 96K recipe runs unchanged with gradient accumulation, e.g.
-`--config.grad_accum_steps=128` (96 examples per device per micro-batch, the same BN groups):
-see docs/performance.md for the memory it needs.
+With 8 accelerators, gradient accumulation keeps the 96K recipe's batch and BN groups:
+`--config.grad_accum_steps=128` (96 examples per device per micro-batch). Whether that fits in a
+device's memory is not measured: docs/performance.md ("Memory and checkpoint size at pod
+scale") gives an XLA:CPU upper bound of 84.5 GB per device, the estimate behind a fit on 80 GB,
+the settings that fit even by the bound, and how to measure on the target device.
 
 A shrunken copy runs on a CPU (synthetic data, 32-pixel images, a few steps; tests/test_main.py
 runs these):
@@ -64,7 +67,7 @@ BATCH_SIZES = {"1k": 1_024, "4k": 4_096, "8k": 8_192, "16k": 16_384, "32k": 32_7
 BN_GROUP_SIZES = {"1k": 32, "4k": 32, "8k": 32, "16k": 32, "32k": 32, "64k": 64, "96k": 96}
 NUM_EPOCHS = 91.0
 NUM_TRAIN_STEPS_96K = 1_301  # The paper's 96K run (≈ 99.8 epochs).
-EFFECTIVE_EPSILON = 4.0  # Pixel levels: 9 · (2/255) · σ, with σ ≈ 57 levels (PAPER.md).
+EFFECTIVE_EPSILON = 4.0  # Pixel levels: 9 · (2/255) · σ, σ ≈ 57 (pixel_std in datasets.py).
 _PRESET = re.compile(r"(?P<method>[a-z0-9]+?)(?P<aa>_aa)?_(?P<batch>\d+k)")
 
 

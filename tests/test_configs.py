@@ -64,8 +64,9 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
   """Steps = round(epochs · N / B) and warmup = round(warmup epochs · N / B), N = 1,281,167.
 
-  The expected numbers are the paper's (PAPER.md: 91 epochs at 32K = 3,558 steps, 64K = 1,779,
-  96K = 1,301 steps) and its warmup table (5 epochs below 32K, 25 at 32K, 41 from 64K).
+  The expected numbers are the paper's (91 epochs at 32K = 3,558 steps, 64K = 1,779, 96K = 1,301
+  steps) and its warmup table (5 epochs below 32K, 25 at 32K, 41 from 64K); docs/optimizers.md,
+  "ImageNet / ResNet-50 recipe", lists the warmup table and the 32K and 96K step counts.
   """
   paper_steps = {"32k": 3_558, "64k": 1_779, "96k": 1_301}
   paper_warmup_epochs = {"1k": 5, "4k": 5, "8k": 5, "16k": 5, "32k": 25, "64k": 41, "96k": 41}
