@@ -74,7 +74,9 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
     by_kind = collections.defaultdict(dict)
     for key, value in scalars.items():
-      kind, _, name = key.partition("/")
+      kind, slash, name = key.partition("/")
+      if not slash:  # clu's ReportProgress logs bare names (steps_per_sec, uptime).
+        kind, name = "progress", key
       by_kind[kind][name] = float(value) if not isinstance(value, int) else value
     with self.path.open("a") as f:
       for kind, values in by_kind.items():
@@ -162,7 +164,9 @@ def _check_fifo_memory(exp: experiment.Experiment) -> None:
     raise config_validation.ConfigError(
         f"config.staleness={exp.method.staleness} is not allowed: the adversarial FIFO would "
         f"need {fifo / mib:.3f} MiB per device ({exp.method.staleness} x {exp.batch_shape} "
-        f"float32 over {exp.mesh.size} devices), more than {limit / mib:.3f} MiB ({source}). "
+        f"uint8 images and their int32 labels over "
+        f"{parallel.num_batch_shards(exp.mesh)} batch shards), more than {limit / mib:.3f} MiB "
+        f"({source}). "
         "Lower staleness or batch_size, use more devices, or raise "
         "config.fifo_memory_limit_gib.")
 
@@ -374,11 +378,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     exp = experiment.build(config, info)
     _check_fifo_memory(exp)
     is_chief = jax.process_index() == 0
-    if is_chief:
-      (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     with checkpointing.Checkpointer(path, every=config.checkpoint_every_steps,
                                     keep=config.keep_checkpoints) as checkpointer:
       run = _create_or_restore(exp, checkpointer)
+      if is_chief:  # Only once a resume is accepted: a refused one leaves the workdir as it was.
+        (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
       writer = metric_writers.MultiWriter(
           [metric_writers.create_default_writer(path, just_logging=not is_chief)] +
           ([JsonlWriter(path, run.step)] if is_chief else []))

@@ -133,6 +133,8 @@ flags.DEFINE_string("aug_branch", "autoaugment",
                     "(default: the AutoAugment view of the *_aa_* ImageNet presets; '' or "
                     "'none': skip it).")
 flags.DEFINE_integer("seed", 0, "Seed of the written data and of config.seed.")
+flags.DEFINE_integer("shuffle_buffer_size", None, "config.shuffle_buffer_size (default: the "
+                     "preset's). The window is filled from the files at each epoch's start.")
 flags.DEFINE_string("out", None, "If set, write the JSON report to this path.")
 
 
@@ -488,6 +490,8 @@ def _config(data_dir: str) -> ml_collections.ConfigDict:
   config.batch_size = FLAGS.batch_size * FLAGS.process_count
   config.eval_batch_size = (FLAGS.eval_batch_size or FLAGS.batch_size) * FLAGS.process_count
   config.seed = FLAGS.seed
+  if FLAGS.shuffle_buffer_size is not None:
+    config.shuffle_buffer_size = FLAGS.shuffle_buffer_size
   if "aug_branch" in config:  # The plain train run has no augmented view, whatever the preset.
     config.aug_branch = "none"
   return config

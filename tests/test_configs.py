@@ -9,7 +9,7 @@ import pytest
 
 from conadv_jax import (config_history, config_validation, datasets, experiment, input_pipeline,
                         models, optim, parallel)
-from configs import common, imagenet_resnet50
+from configs import common, fashion_mnist_study, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
 CASES = ([("default", None)] + [(f, p) for f in ("fashion_mnist", "cpu_smoke", "cifar10")
@@ -18,10 +18,17 @@ CASES = ([("default", None)] + [(f, p) for f in ("fashion_mnist", "cpu_smoke", "
           for b in imagenet_resnet50.BATCH_SIZES] +
          [("imagenet_resnet50", f"{m}_aa_{b}") for m in ("conadv", "vanilla")
           for b in imagenet_resnet50.BATCH_SIZES] +
-         [("cpu_smoke", "conadv_aa")])
+         [("cpu_smoke", "conadv_aa")] +
+         [("fashion_mnist_study", f"{m}_{b}") for m in common.METHOD_PRESETS
+          for b in fashion_mnist_study.BATCH_SIZES])
 IMAGE_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
                 "imagenet2012": (224, 224, 3)}
 NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet2012": 1000}
+
+
+def _num_devices(name: str) -> int:
+  """The study's presets are for one CPU device (BN groups of 256 in batches from 256 up)."""
+  return 1 if name == "fashion_mnist_study" else 4
 
 
 def load(name, preset):
@@ -32,11 +39,11 @@ def load(name, preset):
 @pytest.mark.parametrize("name,preset", CASES)
 def test_config_validates_and_builds_its_model(name, preset):
   config = load(name, preset)
-  config_validation.validate(config, num_devices=4)
+  config_validation.validate(config, num_devices=_num_devices(name))
   image_shape = (IMAGE_SHAPES.get(config.dataset)
                  or (config.image_size or 32, config.image_size or 32, 3))
   num_classes = NUM_CLASSES.get(config.dataset, config.synthetic_num_classes)
-  model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=4)
+  model = models.create_model_from_config(config, datasets.get_spec(config), num_devices=_num_devices(name))
   variables = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
   assert variables["params"]["head"]["kernel"].shape == (
@@ -132,13 +139,13 @@ def test_three_step_quick_check_of_every_preset_builds(name, preset):
   state, optimizer and schedule build, from the registry's published sizes (no data needed)."""
   config = load(name, preset)
   config.num_train_steps = 3
-  config_validation.validate(config, num_devices=4)
+  config_validation.validate(config, num_devices=_num_devices(name))
   spec = datasets.get_spec(config)
   side = config.image_size or spec.native_image_size
   info = input_pipeline.DatasetInfo(
       spec=spec, num_classes=spec.num_classes, image_shape=(side, side, spec.channels),
       num_train_examples=spec.num_train_examples, num_eval_examples=spec.num_eval_examples)
-  exp = experiment.build(config, info, parallel.make_mesh(jax.devices()[:4]))
+  exp = experiment.build(config, info, parallel.make_mesh(jax.devices()[:_num_devices(name)]))
   assert exp.total_steps == 3
   if config.warmup_epochs * exp.steps_per_epoch >= 3:  # Clamped: the peak at the last step.
     assert float(exp.learning_rate_fn(3)) == pytest.approx(config.learning_rate, rel=1e-5)

@@ -830,7 +830,8 @@ def test_aug_view_is_deterministic_and_resumes_exactly(noise_fashion_dir, overri
     resumed = list(itertools.islice(_train(
         config, start_step=start, process_index=0, process_count=1), 12 - start))
     _assert_batches_equal(full[start:], resumed)
-  # Each epoch draws new views: the same example's view differs between epochs.
+  # The views follow the seed. (New views every epoch: the exact recomputation of two
+  # epochs in test_aug_view_is_the_policy_on_an_independent_crop.)
   other_seed = list(itertools.islice(_train(
       _aug_config(noise_fashion_dir, "randaugment", seed=1, **overrides),
       process_index=0, process_count=1), 1))

@@ -210,9 +210,11 @@ def test_zero_warmup_starts_at_peak(kind):
   assert math.isclose(_value(schedule, TOTAL), END, rel_tol=1e-5)
 
 
-def test_warmup_longer_than_the_run_is_clamped_to_it():
+def test_warmup_longer_than_the_run_is_clamped_to_it(caplog):
   config = _config(learning_rate=PEAK, warmup_epochs=5.0)  # 50 warmup steps, 3-step run.
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10, total_steps=3)
+  with caplog.at_level("WARNING"):
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=10, total_steps=3)
+  assert "Warmup (50 steps) is longer than the run (3 steps)" in caplog.text
   assert [round(_value(schedule, s), 6) for s in range(4)] == [
       0.0, round(PEAK / 3, 6), round(PEAK * 2 / 3, 6), PEAK]
 

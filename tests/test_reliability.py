@@ -345,12 +345,14 @@ def test_checkpoint_of_another_experiment_is_refused_and_kept(single_run, tmp_pa
   workdir = tmp_path / "workdir"
   shutil.copytree(single_run, workdir)
   before = _checkpoint_files(workdir)
+  config_json = (workdir / "config.json").read_text()
   process = _Main(tmp_path / "main.log", workdir, *flag.split())
   assert _wait([process], timeout=120) == [2], process.output[-5000:]
   assert "belongs to a different experiment" in process.output
   assert difference in process.output, process.output[-3000:]
   assert "Traceback" not in process.output
   assert _checkpoint_files(workdir) == before  # Nothing deleted, moved or rewritten.
+  assert (workdir / "config.json").read_text() == config_json
   assert not (workdir / "checkpoints_damaged").exists()
 
 
@@ -372,10 +374,15 @@ def test_checkpoint_past_the_new_total_is_refused(single_run, tmp_path):
   workdir = tmp_path / "workdir"
   shutil.copytree(single_run, workdir)
   before = _checkpoint_files(workdir)
+  config_json = (workdir / "config.json").read_text()
+  metrics = (workdir / "metrics.jsonl").read_text()
   process = _Main(tmp_path / "main.log", workdir, "--config.num_train_steps=8")
   assert _wait([process], timeout=120) == [2], process.output[-5000:]
   assert "is at step 12, past this run's 8 steps" in process.output
+  assert "Traceback" not in process.output
   assert _checkpoint_files(workdir) == before
+  assert (workdir / "config.json").read_text() == config_json
+  assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
 def test_rerunning_a_finished_run_adds_no_line(single_run, tmp_path):

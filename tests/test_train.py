@@ -50,6 +50,9 @@ def test_cpu_smoke_trains_and_writes_results(uninterrupted, preset):
   lines = read_jsonl(workdir)
   assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(2, 13, 2))
   assert [l["step"] for l in lines if l["kind"] == "eval"] == [6, 12]
+  # clu's progress reports (steps_per_sec, uptime) get a kind of their own, never an empty name.
+  assert {l["kind"] for l in lines} <= {"train", "eval", "progress"}
+  assert all("" not in l for l in lines)
   train_keys = set(lines[0])
   assert {"loss", "clean_loss", "grad_norm", "param_norm", "learning_rate"} <= train_keys
   assert ("adv_loss" in train_keys) == (preset != "vanilla")
