@@ -495,6 +495,7 @@ def test_a_busy_coordinator_port_is_named(tmp_path):
                     "--process_id=0", num_devices=2)
     assert _wait([process], timeout=60) == [2], process.output[-5000:]
   assert f"port {port} on 127.0.0.1 is already in use" in process.output
+  assert "Traceback" not in process.output
 
 
 def test_processes_with_different_configs_are_refused_by_field(tmp_path):
