@@ -5,6 +5,7 @@ attacks) through real main.py subprocesses; the rest test the bookkeeping on han
 """
 import csv
 import importlib.util
+import itertools
 import json
 import pathlib
 import signal
@@ -161,6 +162,29 @@ def test_parallel_runs_share_the_cores():
   two = sweep.child_env(parallel=2, cores=2)
   assert two["OMP_NUM_THREADS"] == two["TF_NUM_INTRAOP_THREADS"] == "1"
   assert "--xla_cpu_multi_thread_eigen=false" in two["XLA_FLAGS"]
+
+
+class _TimedRun(sweep.Run):
+  """A run whose command only logs when it starts and ends (+1 / -1) to the root's events.txt."""
+
+  def command(self) -> list[str]:
+    script = ("import sys, time\n"
+              "def log(delta):\n"
+              "  with open(sys.argv[1], 'a') as f:\n"
+              "    f.write(f'{time.time()} {delta}\\n')\n"
+              "log(1); time.sleep(1.5); log(-1)\n")
+    return [sys.executable, "-c", script, str(self.workdir.parent / "events.txt")]
+
+
+def test_parallel_runs_that_many_at_once_and_no_more(tmp_path):
+  runs = [_TimedRun("configs/cpu_smoke.py:vanilla", {"seed": i}, f"run{i}", tmp_path / f"run{i}")
+          for i in range(5)]
+  assert sweep.Sweep(runs, tmp_path, parallel=2, cores=2).execute() == 5  # None finished.
+  events = sorted((float(time_s), int(delta)) for time_s, delta in
+                  (line.split() for line in (tmp_path / "events.txt").read_text().splitlines()))
+  assert len(events) == 10
+  running = list(itertools.accumulate(delta for _, delta in events))
+  assert max(running) == 2 and running[-1] == 0
 
 
 def test_the_study_sweep_uses_one_learning_rate_rule_for_every_method():
