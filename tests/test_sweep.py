@@ -176,6 +176,9 @@ class _TimedRun(sweep.Run):
     return [sys.executable, "-c", script, str(self.workdir.parent / "events.txt")]
 
 
+# In-process, Popen's preexec_fn forks this JAX-threaded test process; the child only sets its
+# parent-death signal and execs, so the fork warning does not apply.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_parallel_runs_that_many_at_once_and_no_more(tmp_path):
   runs = [_TimedRun("configs/cpu_smoke.py:vanilla", {"seed": i}, f"run{i}", tmp_path / f"run{i}")
           for i in range(5)]
