@@ -69,7 +69,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         continue
       if step <= resume_step:
         kept.append(line)
-    self.path.write_text("".join(kept))
+    workdirs.write_atomically(self.path, "".join(kept))  # A kill here keeps the old file.
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
     by_kind = collections.defaultdict(dict)
@@ -357,8 +357,8 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
       "param_fingerprint": param_fingerprint(run.state.params),
   }
   if jax.process_index() == 0:
-    (epath.Path(checkpointer.workdir) / "results.json").write_text(
-        json.dumps(results, indent=2, default=str))
+    workdirs.write_atomically(epath.Path(checkpointer.workdir) / "results.json",
+                              json.dumps(results, indent=2, default=str))
   logging.info("Final eval at step %d: %s", run.step, results["eval"])
   return results
 
@@ -382,7 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     keep=config.keep_checkpoints) as checkpointer:
       run = _create_or_restore(exp, checkpointer)
       if is_chief:  # Only once a resume is accepted: a refused one leaves the workdir as it was.
-        (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        workdirs.write_atomically(path / "config.json",
+                                  config.to_json_best_effort(indent=2, sort_keys=True))
       writer = metric_writers.MultiWriter(
           [metric_writers.create_default_writer(path, just_logging=not is_chief)] +
           ([JsonlWriter(path, run.step)] if is_chief else []))

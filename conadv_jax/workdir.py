@@ -44,6 +44,53 @@ def prepare(workdir: str) -> epath.Path:
   return path
 
 
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in str(path)
+
+
+def _write_temporary(path: epath.Path, text: str) -> str:
+  """Writes `text` to a fresh sibling of `path` (flushed to disk) and returns its name."""
+  tmp = str(path.parent / f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  return tmp
+
+
+def write_atomically(path: epath.Path, text: str) -> None:
+  """Replaces `path` by `text` so that a reader, or a kill midway, sees the old or the new file.
+
+  A plain write truncates first: SIGKILL or preemption between the truncation and the write
+  leaves an empty results.json, metrics.jsonl or run.lock behind.
+  """
+  path = epath.Path(path)
+  if not _is_local(path):  # Object stores (gs://) replace whole objects already.
+    path.write_text(text)
+    return
+  os.replace(_write_temporary(path, text), path)
+
+
+def _create_exclusively(path: epath.Path, text: str) -> None:
+  """Creates `path` holding `text`, or raises FileExistsError; never visible half-written."""
+  if not _is_local(path):
+    if path.exists():
+      raise FileExistsError(path)
+    path.write_text(text)
+    return
+  tmp = _write_temporary(path, text)
+  try:
+    os.link(tmp, path)  # Atomic, and fails if `path` exists.
+  except FileExistsError:
+    raise
+  except OSError:  # A filesystem without hard links: create, then fill.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+  finally:
+    os.unlink(tmp)
+
+
 def _pid_running(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -74,12 +121,7 @@ class RunLock:
 
   def _write(self, exclusive: bool) -> None:
     text = json.dumps({**self._info, "heartbeat": time.time()})
-    if exclusive and "://" not in str(self.path):
-      fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-      with os.fdopen(fd, "w") as f:
-        f.write(text)
-    else:
-      self.path.write_text(text)
+    (_create_exclusively if exclusive else write_atomically)(self.path, text)
 
   def _owner(self) -> dict[str, Any] | None:
     try:
@@ -109,10 +151,12 @@ class RunLock:
       if owner is None:
         continue  # Released in between: try again.
       if not self._is_stale(owner):
-        age = time.time() - owner.get("heartbeat", time.time())
+        holder = (f"pid {owner.get('pid')} on host {owner.get('host')}, last heartbeat "
+                  f"{time.time() - owner.get('heartbeat', time.time()):.0f} s ago" if owner else
+                  f"its lock cannot be read, written {time.time() - self.path.stat().mtime:.0f} "
+                  "s ago")
         raise WorkdirError(
-            f"{self.path.parent} is in use by another run (pid {owner.get('pid')} on host "
-            f"{owner.get('host')}, last heartbeat {age:.0f} s ago). Wait for it to finish or "
+            f"{self.path.parent} is in use by another run ({holder}). Wait for it to finish or "
             f"stop it; if it is dead, delete {self.path} and run again. Two runs on one "
             "workdir would mix their checkpoints and metrics.")
       logging.warning("Taking over the stale lock %s of pid %s on host %s.", self.path,

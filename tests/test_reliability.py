@@ -36,11 +36,17 @@ _WRITE_AUDIT = '''
 import os, sys
 _LOG = os.environ.get("CONADV_TEST_WRITE_LOG")
 def _hook(event, args):
-  if (event == "open" and isinstance(args[0], (str, os.PathLike)) and isinstance(args[1], str)
-      and os.path.basename(os.fspath(args[0])) in ("results.json", "metrics.jsonl")
-      and any(c in args[1] for c in "wax+")):
+  # A write is an open for writing, or a rename onto the name (workdir.write_atomically).
+  if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
+    target = args[0]
+  elif event == "os.rename":
+    target = args[1]
+  else:
+    return
+  if (isinstance(target, (str, os.PathLike))
+      and os.path.basename(os.fspath(target)) in ("results.json", "metrics.jsonl")):
     with open(f"{_LOG}.{os.getpid()}", "a") as f:
-      f.write(os.path.basename(os.fspath(args[0])) + "\\n")
+      f.write(os.path.basename(os.fspath(target)) + "\\n")
 if _LOG:
   sys.addaudithook(_hook)
 '''
