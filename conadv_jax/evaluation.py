@@ -41,10 +41,9 @@ PGD_STEP_FACTOR = 2.5
 def example_indices(batch: Batch, batch_index: jax.Array) -> jax.Array:
   """Each row's index in the eval split: batch['index'], else its position in the batch stream.
 
-  The fallback batch_index * batch_size + row is the split index when one process reads the split
-  in order in equal batches, padding only at the end (input_pipeline.eval_batches). With several
-  processes it is still one distinct number per example, but depends on the layout; an 'index'
-  from the input pipeline removes that dependence.
+  input_pipeline.eval_batches gives 'index', the same for any number of processes and devices.
+  The fallback batch_index * batch_size + row, for hand-made batches, equals it when one process
+  reads the split in order in equal batches.
   """
   if "index" in batch:
     return batch["index"].astype(jnp.int32)

@@ -669,8 +669,10 @@ def eval_batches(config: ml_collections.ConfigDict,
                  process_count: int | None = None) -> Iterator[Batch]:
   """One pass over this process's slice of the eval split, in host-local batches with a mask.
 
-  Batches have config.eval_batch_size // process_count rows: 'image' uint8, 'label' int32 and
-  'mask' float32 (1.0 real, 0.0 padding). Only a short batch is padded (the last of a slice, and
+  Batches have config.eval_batch_size // process_count rows: 'image' uint8, 'label' int32,
+  'mask' float32 (1.0 real, 0.0 padding) and 'index' int32, each row's position in the whole
+  split (the same for any process count, so the eval attacks' keys are too; padding rows carry
+  positions past their slice). Only a short batch is padded (the last of a slice, and
   the empty ones a process with a shorter slice adds so that all processes yield the same
   number of batches and collective eval steps line up). Every example of the split is in
   exactly one process's batches with mask 1. Cheap to call at every eval: `info` is not
@@ -698,16 +700,19 @@ def eval_batches(config: ml_collections.ConfigDict,
     sizes = [info.builder.info.splits[split].num_examples for split in splits]
     examples = _tfds_split(info, splits[process_index])
   num_batches = -(-max(sizes) // local_batch)
+  first_index = sum(sizes[:process_index])  # Slices are contiguous, in process order.
   ds = examples.map(_eval_preprocess(info), tf.data.AUTOTUNE).batch(local_batch)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
-  def pad(batch: Batch) -> Batch:
+  def pad(batch: Batch, position: int) -> Batch:
     num_real = len(batch["label"])
     mask = np.zeros([local_batch], np.float32)
     mask[:num_real] = 1.0
+    index = np.arange(first_index + position, first_index + position + local_batch,
+                      dtype=np.int32)
     if num_real == local_batch:
-      return {**batch, "mask": mask}
-    padded = {"mask": mask}
+      return {**batch, "mask": mask, "index": index}
+    padded = {"mask": mask, "index": index}
     for key, shape, dtype in (("image", image_shape, np.uint8), ("label", (), np.int32)):
       value = np.zeros((local_batch, *shape), dtype)
       value[:num_real] = batch[key]
@@ -720,11 +725,11 @@ def eval_batches(config: ml_collections.ConfigDict,
       if num_yielded == num_batches:
         raise RuntimeError(f"The eval split yielded more than the {num_batches} batches expected "
                            "from its size; processes would fall out of step.")
-      yield pad(batch)
+      yield pad(batch, num_yielded * local_batch)
       num_yielded += 1
     empty = {"image": np.zeros((0, *image_shape), np.uint8), "label": np.zeros([0], np.int32)}
-    for _ in range(num_batches - num_yielded):
-      yield pad(empty)
+    for position in range(num_yielded, num_batches):
+      yield pad(empty, position * local_batch)
 
   return generate()
 

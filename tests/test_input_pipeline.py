@@ -202,7 +202,10 @@ def test_train_examples_are_split_across_processes(fashion_dir):
 def test_eval_scores_every_example_once(fashion_dir, process_count, eval_batch_size):
   config = _config(data_dir=fashion_dir, eval_batch_size=eval_batch_size)
   local_batch = eval_batch_size // process_count
-  scored, num_batches = [], set()
+  # One process reads the split in its prepared order: position -> example.
+  in_order = [i for b in _eval(config, process_index=0, process_count=1)
+              for i, m in zip(_ids(b), b["mask"]) if m]
+  scored, indices, num_batches = [], [], set()
   for index in range(process_count):
     batches = list(_eval(
         config, process_index=index, process_count=process_count))
@@ -213,11 +216,16 @@ def test_eval_scores_every_example_once(fashion_dir, process_count, eval_batch_s
       assert batch["mask"].shape == (local_batch,) and batch["mask"].dtype == np.float32
       mask = batch["mask"].astype(bool)
       scored += [i for i, m in zip(_ids(batch), mask) if m]
+      # 'index' is the example's position in the whole split, whatever the process count.
+      assert batch["index"].dtype == np.int32
+      indices += batch["index"][mask].tolist()
+      assert [in_order[i] for i in batch["index"][mask]] == np.array(_ids(batch))[mask].tolist()
       np.testing.assert_array_equal(batch["image"][~mask], 0)
       # Eval is not augmented: the pixels are the stored ones.
       np.testing.assert_array_equal(batch["label"][mask],
                                     [(v - 7) // 20 % 10 for v in np.array(_ids(batch))[mask]])
   assert sorted(scored) == sorted(_test_value(i) for i in range(NUM_TEST))
+  assert sorted(indices) == list(range(NUM_TEST))
   # Every process steps through the same number of batches: ceil(largest slice / local batch).
   largest = -(-NUM_TEST // process_count)
   assert num_batches == {-(-largest // local_batch)}
@@ -364,7 +372,7 @@ def test_imagenet_pipeline(imagenet_dir, cache, aug_branch):
   assert len(eval_) == 2 and [b["mask"].sum() for b in eval_] == [4, 2]
   assert sorted(l for b in eval_ for l, m in zip(b["label"], b["mask"]) if m) == list(
       range(100, 106))
-  assert all(set(b) == {"image", "label", "mask"} and b["image"].dtype == np.uint8
+  assert all(set(b) == {"image", "label", "mask", "index"} and b["image"].dtype == np.uint8
              for b in eval_)
   for start in (3, 4, 9):  # Mid-epoch, at the first boundary, in the third epoch.
     resumed = list(itertools.islice(input_pipeline.train_batches(
@@ -392,7 +400,7 @@ def test_shard_and_prefetch_makes_global_arrays(num_devices):
   result = [first, *out]
   assert len(result) == len(local) == 3
   for host, device in zip(local, result):
-    assert set(device) == {"image", "label", "mask"}
+    assert set(device) == {"image", "label", "mask", "index"}
     for key, value in device.items():
       assert isinstance(value, jax.Array)
       assert value.sharding == sharding
@@ -907,7 +915,7 @@ def test_policies_are_the_reference_ones_at_224():
 def test_eval_batches_have_no_aug_view(noise_fashion_dir):
   config = _aug_config(noise_fashion_dir, "autoaugment")
   for batch in _eval(config, process_index=0, process_count=1):
-    assert set(batch) == {"image", "label", "mask"}
+    assert set(batch) == {"image", "label", "mask", "index"}
 
 
 def test_eval_batches_are_rounded_uint8_and_padded_only_when_short(noise_fashion_dir):

@@ -171,7 +171,8 @@ def test_two_processes_match_one_and_only_process_0_writes(single_run, two_proce
   workdir, processes, audit = two_process_run
   one, two = _results(single_run), _results(workdir)
   assert two["final_step"] == 12 and two["eval"]["num_examples"] == 64
-  for key in ("loss", "top1"):
+  # The attacks too: their keys come from each example's index in the split.
+  for key in ("loss", "top1", "adv_top1", "robust_top1"):
     assert abs(two["eval"][key] - one["eval"][key]) <= 1e-4, (key, one["eval"], two["eval"])
   assert "Process 0 of 2; 2 local / 4 global devices" in processes[0].output
   assert "Process 1 of 2; 2 local / 4 global devices" in processes[1].output
@@ -255,8 +256,7 @@ def test_two_process_run_resumes_with_one_process(single_run, two_process_run, t
   assert "resuming from step 8 " in output and "Process 0 of 2" not in output
   one, resumed = _results(single_run), _results(workdir)
   assert resumed["final_step"] == 12 and resumed["eval"]["num_examples"] == 64
-  # adv_top1 is left out: without an eval 'index', its attack keys depend on the layout.
-  for key in ("loss", "top1"):
+  for key in ("loss", "top1", "adv_top1"):
     assert abs(resumed["eval"][key] - one["eval"][key]) <= 1e-4, (key, one["eval"],
                                                                    resumed["eval"])
   assert _steps(workdir) == list(range(2, 13, 2)) and _steps(workdir, "eval") == [6, 12]
