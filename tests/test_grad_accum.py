@@ -22,10 +22,11 @@ def make_config(preset: str, accum: int):
   return config
 
 
-def make_batches(n: int):
+def make_batches(n: int, aug_view: bool = False):
   rng = np.random.RandomState(0)
-  return [{"image": rng.randint(0, 256, (BATCH, IMAGE, IMAGE, 3)).astype(np.uint8),
-           "label": rng.randint(0, 5, BATCH).astype(np.int32)} for _ in range(n)]
+  pixels = lambda: rng.randint(0, 256, (BATCH, IMAGE, IMAGE, 3)).astype(np.uint8)
+  return [{"image": pixels(), "label": rng.randint(0, 5, BATCH).astype(np.int32),
+           **({"aug_image": pixels()} if aug_view else {})} for _ in range(n)]
 
 
 def run(preset: str, accum: int, num_devices: int, num_steps: int = 2):
@@ -33,7 +34,7 @@ def run(preset: str, accum: int, num_devices: int, num_steps: int = 2):
   info = input_pipeline.get_dataset_info(config)
   exp = experiment.build(config, info, parallel.make_mesh(jax.devices()[:num_devices]))
   tau = exp.method.staleness
-  batches = make_batches(num_steps + tau)
+  batches = make_batches(num_steps + tau, aug_view=config.aug_branch != "none")
   state = exp.init_state()
   if tau:
     state = exp.fill_fifo(state, batches[:tau])
@@ -44,7 +45,8 @@ def run(preset: str, accum: int, num_devices: int, num_steps: int = 2):
   return jax.device_get(state), history, exp
 
 
-@pytest.mark.parametrize("preset,num_devices", [("vanilla", 2), ("disadv", 1), ("conadv2", 2)])
+@pytest.mark.parametrize("preset,num_devices", [("vanilla", 2), ("disadv", 1), ("conadv", 4),
+                                                ("conadv2", 2), ("conadv_aa", 2)])
 def test_two_micro_batches_equal_one_batch(preset, num_devices):
   whole, whole_metrics, _ = run(preset, 1, num_devices)
   split, split_metrics, _ = run(preset, 2, num_devices)
