@@ -139,6 +139,11 @@ def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
           if e.primitive.name == "conv_general_dilated"]
 
 
+def _dot_outputs(jaxpr) -> list[tuple[int, ...]]:
+  return [tuple(e.outvars[0].aval.shape) for e in _walk(jaxpr)
+          if e.primitive.name == "dot_general"]
+
+
 def _hlo_computations(hlo: str) -> dict[str, str]:
   """{computation name: its text} of an HLO module's text."""
   computations, name, lines = {}, None, []
@@ -180,6 +185,11 @@ def test_compiled_program_runs_each_task_behind_the_conditional():
   kernels = {tuple(leaf.shape) for path, leaf in
              jax.tree_util.tree_flatten_with_path(exp.state_shape.params)[0]
              if "kernel" in jax.tree_util.keystr(path) and leaf.ndim == 4}
+  heads = [tuple(leaf.shape) for path, leaf in
+           jax.tree_util.tree_flatten_with_path(exp.state_shape.params)[0]
+           if "kernel" in jax.tree_util.keystr(path) and leaf.ndim == 2]
+  assert len(heads) == 1
+  head_grads = {heads[0], heads[0][::-1]}  # The gradient may come out transposed.
   batch = make_batches(1, aug=False)[0]
   args = (exp.abstract_state(), batch, batch)
 
@@ -197,6 +207,10 @@ def test_compiled_program_runs_each_task_behind_the_conditional():
   assert _conv_outputs(task_b) and not kernels & set(_conv_outputs(task_b))
   assert len(_conv_outputs(closed.jaxpr)) == (len(_conv_outputs(task_a)) +
                                               len(_conv_outputs(task_b)))  # None outside.
+  # The dense head likewise: its kernel's gradient (a dot_general of the kernel's shape) is
+  # computed in task A only, though task B runs the head forward and backward to the input.
+  assert head_grads & set(_dot_outputs(task_a))
+  assert _dot_outputs(task_b) and not head_grads & set(_dot_outputs(task_b))
 
   # The compiled program keeps the conditional (both tasks are not run and selected from).
   hlo = exp.train_step.lower(*args).compile().as_text()
