@@ -262,6 +262,25 @@ def test_two_process_run_resumes_with_one_process(single_run, two_process_run, t
   assert _steps(workdir) == list(range(2, 13, 2)) and _steps(workdir, "eval") == [6, 12]
 
 
+def test_resume_on_half_the_devices_with_twice_the_accumulation(single_run, tmp_path):
+  """A job preempted on 4 devices continues on 2 with grad_accum_steps=2: the same global
+  batches and the same BN groups (8 rows), so it ends where the 4-device run ends, up to float
+  summation order."""
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")  # As if preempted after the step-8 checkpoint.
+  (workdir / "results.json").unlink()
+  output = _run(tmp_path / "main.log", workdir, "--config.grad_accum_steps=2", num_devices=2)
+  assert "resuming from step 8 " in output and "on 2 devices" in output
+  assert "grad_accum_steps: 1 in the checkpoint, 2 now" in output
+  one, resumed = _results(single_run), _results(workdir)
+  assert resumed["final_step"] == 12 and resumed["eval"]["num_examples"] == 64
+  for key in ("loss", "top1", "adv_top1", "robust_top1"):
+    assert abs(resumed["eval"][key] - one["eval"][key]) <= 1e-4, (key, one["eval"],
+                                                                   resumed["eval"])
+  assert _steps(workdir) == list(range(2, 13, 2)) and _steps(workdir, "eval") == [6, 12]
+
+
 def _damage(checkpoint: pathlib.Path, how: str) -> pathlib.Path:
   """Truncates to half, or deletes, the largest file of a checkpoint's state (the FIFO's data)."""
   victim = max((p for p in (checkpoint / "state").rglob("*") if p.is_file()),
