@@ -1,10 +1,18 @@
-"""The workdir's small files are never seen half-written, and a damaged lock is reported plainly.
+"""The workdir's small files are never seen half-written, and run.lock admits one run at a time.
 
 A reader thread races the writer: with a truncate-then-write it sees empty or partial files
 within a few hundred writes (a run killed at that moment would leave them so for good).
+
+On a local filesystem the lock is a kernel lock (flock): a live holder is never taken over, a
+dead one at once, whatever its file says. On object stores (gs://) it is a heartbeat lease; the
+lease tests run it on a local folder by making `workdir._uses_kernel_lock` answer False.
 """
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -97,12 +105,129 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     workdir.write_atomically(path, '{"final_step": 24}')
   assert path.read_text() == '{"final_step": 12}'
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # No temporary file left.
 
 
+MALFORMED = ["", "[]", '"x"', "null", "{}", '{"pid": 1}',
+             '{"host": "other", "pid": 5, "heartbeat": "abc"}',
+             '{"host": "h", "pid": true, "started": 0, "heartbeat": 0}', "\udcff\udcfe"]
+
+
+def _write_lock(path, text):
+  path.write_bytes(text.encode("utf-8", "surrogateescape"))
+
+
+def _owner(host=None, pid=None, age_s=0.0, **extra):
+  now = time.time()
+  return json.dumps({"host": host or socket.gethostname(), "pid": os.getpid() if pid is None
+                     else pid, "started": now - age_s, "heartbeat": now - age_s, **extra})
+
+
+def _holder(tmp_path):
+  """A subprocess that takes the lock on `tmp_path`, says so, and sleeps."""
+  code = ("import sys, time; from conadv_jax import workdir\n"
+          f"with workdir.RunLock({str(tmp_path)!r}):\n"
+          "  print('held', flush=True); time.sleep(600)\n")
+  process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert process.stdout.readline().strip() == "held"
+  return process
+
+
+def test_a_second_lock_in_the_same_process_is_refused(tmp_path):
+  with workdir.RunLock(tmp_path) as first:
+    with pytest.raises(workdir.WorkdirError,
+                       match=rf"is in use by another run \(pid {os.getpid()} on host "):
+      workdir.RunLock(tmp_path).__enter__()
+    first.heartbeat()  # Still ours.
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_sigkilled_holder_s_lock_is_taken_over_at_once(tmp_path, caplog):
+  holder = _holder(tmp_path)
+  try:
+    with pytest.raises(workdir.WorkdirError, match=rf"in use by another run \(pid {holder.pid} "):
+      workdir.RunLock(tmp_path).__enter__()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == holder.pid  # Left behind.
+    start = time.monotonic()
+    with workdir.RunLock(tmp_path) as lock:  # Fresh heartbeat, same host: no waiting.
+      assert time.monotonic() - start < 5
+      assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert f"Taking over the stale lock {tmp_path / 'run.lock'} (left by pid {holder.pid} " in (
+        caplog.text)
+    assert not list(tmp_path.iterdir())
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_lock_naming_our_own_pid_is_taken_over_when_no_one_holds_it(tmp_path):
+  """A container restarted with the same hostname and pid (1) finds its former life's lock."""
+  _write_lock(tmp_path / "run.lock", _owner(age_s=1.0))
+  with workdir.RunLock(tmp_path) as lock:
+    owner = json.loads(lock.path.read_text())
+    assert owner["pid"] == os.getpid() and owner["started"] > time.time() - 1.0
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text", MALFORMED)
+def test_a_malformed_lock_that_no_one_holds_is_taken_over(tmp_path, text, caplog):
+  _write_lock(tmp_path / "run.lock", text)
+  with workdir.RunLock(tmp_path):
+    pass
+  assert "its contents cannot be read" in caplog.text and "None" not in caplog.text
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"pid": 1}'])
+def test_a_held_lock_with_malformed_contents_is_refused_plainly(tmp_path, text):
+  with workdir.RunLock(tmp_path) as held:
+    with open(held.path, "w") as f:  # In place: the same file, still locked.
+      f.write(text)
+    with pytest.raises(workdir.WorkdirError, match="a live process holds its lock") as error:
+      workdir.RunLock(tmp_path).__enter__()
+    assert "None" not in str(error.value)
+
+
+def test_a_lock_removed_by_hand_stops_its_run_and_is_not_deleted_by_it(tmp_path):
+  with workdir.RunLock(tmp_path) as first:
+    first.path.unlink()
+    with workdir.RunLock(tmp_path) as second:
+      with pytest.raises(workdir.WorkdirError, match="was removed or replaced while this run "
+                         rf"held it \(it now names pid {os.getpid()} "):
+        first.heartbeat()
+      first.release()
+      assert json.loads(second.path.read_text())["started"] == second._info["started"]
+      second.heartbeat()
+    assert not second.path.exists()
+
+
+def test_no_hard_links_still_gives_one_holder(tmp_path, monkeypatch):
+  def no_link(*args):
+    raise PermissionError(1, "Operation not permitted")
+
+  monkeypatch.setattr(os, "link", no_link)
+  with workdir.RunLock(tmp_path) as lock:
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir.WorkdirError, match="is in use by another run"):
+      workdir.RunLock(tmp_path).__enter__()
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def lease(monkeypatch):
+  """The object-store lease, on a local folder (written atomically, as GCS replaces objects)."""
+  monkeypatch.setattr(workdir, "_uses_kernel_lock", lambda path: False)
+  monkeypatch.setattr(workdir, "SETTLE_S", 0.2)
+
+
+@pytest.mark.parametrize("text", MALFORMED)
 @pytest.mark.parametrize("age_s, taken_over", [(0, False), (3600, True)])
-def test_an_unreadable_lock_is_judged_by_its_age(tmp_path, age_s, taken_over):
+def test_lease_an_unreadable_lock_is_judged_by_its_age(tmp_path, lease, text, age_s, taken_over):
   lock_path = tmp_path / workdir.LOCK_NAME
-  lock_path.write_text("")
+  _write_lock(lock_path, text)
   written = time.time() - age_s
   os.utime(lock_path, (written, written))
   lock = workdir.RunLock(tmp_path, stale_after_s=600)
@@ -115,4 +240,96 @@ def test_an_unreadable_lock_is_judged_by_its_age(tmp_path, age_s, taken_over):
                        ) as error:
       lock.__enter__()
     assert "None" not in str(error.value)
-    assert lock_path.read_text() == ""  # Not ours to remove.
+    assert lock_path.read_bytes() == text.encode("utf-8", "surrogateescape")  # Not ours.
+
+
+@pytest.mark.parametrize("owner, taken_over", [
+    (dict(host="hostB", age_s=10), False),
+    (dict(host="hostB", age_s=3600), True),
+    # This host and pid namespace: a dead pid, a reused one (another start time), our own pid
+    # from a former life (pid_start differs), all at once.
+    (dict(pid=2**22 + 7, host_id=workdir._host_id()), True),
+    (dict(pid=1, host_id=workdir._host_id(), pid_start=-1), True),
+    (dict(host_id=workdir._host_id(), pid_start=-1), True),
+    # Another pid namespace that shares our hostname: its pids mean nothing here.
+    (dict(pid=2**22 + 7, host_id="other-boot/1"), False),
+])
+def test_lease_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, lease, owner,
+                                                                  taken_over):
+  _write_lock(tmp_path / "run.lock", _owner(**owner))
+  lock = workdir.RunLock(tmp_path, stale_after_s=600)
+  if taken_over:
+    with lock:
+      pass
+    assert not lock.path.exists()
+  else:
+    with pytest.raises(workdir.WorkdirError, match="is in use by another run"):
+      lock.__enter__()
+    assert lock.path.exists()
+
+
+def test_lease_a_second_lock_in_the_same_process_is_refused(tmp_path, lease):
+  with workdir.RunLock(tmp_path):
+    with pytest.raises(workdir.WorkdirError, match=rf"in use by another run \(pid {os.getpid()} "):
+      workdir.RunLock(tmp_path).__enter__()
+
+
+def test_lease_two_contenders_at_once_give_one_holder(tmp_path, lease):
+  locks = [workdir.RunLock(tmp_path) for _ in range(2)]
+  outcomes = [None, None]
+  go = threading.Barrier(2)
+
+  def contend(i):
+    go.wait()
+    try:
+      locks[i].__enter__()
+      outcomes[i] = "held"
+    except workdir.WorkdirError as e:
+      outcomes[i] = str(e)
+
+  threads = [threading.Thread(target=contend, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sorted(o == "held" for o in outcomes) == [False, True], outcomes
+  for lock in locks:
+    lock.release()
+  assert not (tmp_path / "run.lock").exists()
+
+
+def test_lease_heartbeat_and_release_leave_another_run_s_lock_alone(tmp_path, lease):
+  lock = workdir.RunLock(tmp_path)
+  with lock:
+    lock.heartbeat()
+    taken = _owner(host="hostB", pid=5)
+    _write_lock(lock.path, taken)  # Taken over by a run on hostB (our heartbeats were late).
+    with pytest.raises(workdir.WorkdirError, match=r"was taken over by another run \(pid 5 on "
+                       "host hostB"):
+      lock.heartbeat()
+  assert lock.path.read_text() == taken  # Neither rewritten nor removed.
+
+
+def test_lease_is_refreshed_by_a_background_thread(tmp_path, lease):
+  with workdir.RunLock(tmp_path, stale_after_s=1.0) as lock:
+    first = json.loads(lock.path.read_text())["heartbeat"]
+    deadline = time.monotonic() + 10
+    while json.loads(lock.path.read_text())["heartbeat"] == first:
+      assert time.monotonic() < deadline, "no heartbeat without the loop"
+      time.sleep(0.05)
+  assert not lock.path.exists()
+
+
+def test_a_failed_heartbeat_write_warns_and_keeps_the_lock(tmp_path, monkeypatch, caplog):
+  with workdir.RunLock(tmp_path) as lock:
+    def full(*args):
+      raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+      patch.setattr(workdir, "_write_temporary", full)
+      lock.heartbeat()  # A warning, not a traceback: the kernel lock still holds.
+    assert "Refreshing the heartbeat in" in caplog.text and "No space left" in caplog.text
+    with pytest.raises(workdir.WorkdirError, match="is in use by another run"):
+      workdir.RunLock(tmp_path).__enter__()
+    lock.heartbeat()
+  assert not list(tmp_path.iterdir())
