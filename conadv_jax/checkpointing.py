@@ -5,9 +5,15 @@ statistics, optimizer state, the adversarial FIFO and the step (which also fixes
 position, since the input order is a function of (seed, step)). Restoring tells three cases apart,
 because only one of them may ever cost a checkpoint:
 
-* The checkpoint cannot be read (truncated or missing files, an empty or foreign entry): damaged.
-  All processes agree on that, it is moved aside to `checkpoints_damaged/` (never deleted) and
-  the next older one is tried.
+* Its files are damaged (missing, truncated or corrupt: file-not-found, a JSON or decoding
+  error, tensorstore's DATA_LOSS / OUT_OF_RANGE / FAILED_PRECONDITION / NOT_FOUND, an empty step
+  folder): all processes agree on that and the next older one is tried. Once one restores, the
+  damaged newer ones are moved aside to `checkpoints_damaged/` (never deleted). If none
+  restores, the run is refused (CheckpointRestoreError) and nothing is moved: it never starts
+  again from step 0 on its own.
+* It fails for any other reason (out of memory, a device or library error, a transient storage
+  error, a permission): refused (CheckpointRestoreError) naming the step and the error; nothing
+  in the workdir is touched.
 * It reads, but its arrays' structure, shapes or dtypes differ from the state this config builds,
   or its config differs in a field that decides the data or what a step is: another experiment.
   Refused by name (CheckpointMismatchError); nothing in the workdir is touched.
@@ -15,6 +21,7 @@ because only one of them may ever cost a checkpoint:
 """
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -37,6 +44,50 @@ class CheckpointMismatchError(errors.UserError, ValueError):
 
 class CheckpointSaveError(errors.UserError, RuntimeError):
   """An (asynchronous) checkpoint save failed, e.g. a full disk."""
+
+
+class CheckpointRestoreError(errors.UserError, RuntimeError):
+  """No checkpoint could be restored, or one failed for a reason other than damaged files."""
+
+
+class _Damaged(Exception):
+  """A checkpoint's files are missing or do not decode (found by the checks here)."""
+
+
+# Tensorstore's status codes for data that is missing, cut short or does not decode. Others
+# (UNAVAILABLE, DEADLINE_EXCEEDED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, INTERNAL, ...) say
+# nothing about the files, so they never cost a checkpoint.
+_DAMAGE_CODES = ("DATA_LOSS:", "OUT_OF_RANGE:", "FAILED_PRECONDITION:", "NOT_FOUND:")
+_RESTORED, _DAMAGED, _FAILED = 0, 1, 2
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from (orbax wraps tensorstore's)."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def is_damage(error: BaseException) -> bool:
+  """True if `error` says the checkpoint's files are missing, truncated or corrupt."""
+  chain = _chain(error)
+  if any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) for e in chain):
+    return False
+  return any(
+      isinstance(e, (_Damaged, FileNotFoundError, NotADirectoryError, json.JSONDecodeError,
+                     UnicodeDecodeError))
+      or (isinstance(e, ValueError) and str(e).startswith(_DAMAGE_CODES)) for e in chain)
+
+
+def _describe(error: BaseException) -> str:
+  """The error and, if orbax wrapped it, the one it came from; short."""
+  text = f"{type(error).__name__}: {str(error)[:300]}"
+  cause = error.__cause__ or error.__context__
+  if cause is not None and type(error) is Exception:  # orbax's wrapper: the cause says more.
+    text = f"{type(cause).__name__}: {str(cause)[:300]}"
+  return text
 
 
 @dataclasses.dataclass
@@ -74,11 +125,11 @@ def _signature_differences(saved: dict, current: dict, limit: int = 6) -> list[s
   return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def _all_processes(ok: bool) -> bool:
-  """True if `ok` on every process: each reads only its own shards, so one may fail alone."""
+def _worst_outcome(outcome: int) -> int:
+  """The worst outcome over the processes: each reads only its own shards, so one may fail alone."""
   if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+    return outcome
+  return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -158,10 +209,14 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any,
                      config: dict[str, Any]) -> Restored | None:
-    """The newest restorable checkpoint (sharded as `abstract_state`), or None.
+    """The newest restorable checkpoint (sharded as `abstract_state`), or None if there is none.
+
+    Newer checkpoints with damaged files are moved aside once an older one restored.
 
     Raises:
       CheckpointMismatchError: the newest readable checkpoint is of another experiment.
+      CheckpointRestoreError: a checkpoint failed to restore for a reason other than damaged
+        files, or there are checkpoints and none of them restores.
     """
     if not epath.Path(self.directory).exists():
       return None
@@ -176,37 +231,84 @@ class Checkpointer:
             create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=me, active_processes={me})))
     expected = state_signature(abstract_state)
+    damaged = []  # (step, error), newest first: moved aside once an older one restores.
     try:
       for step in steps:
-        restored, error = None, None
+        restored, error, outcome = None, None, _RESTORED
         try:
-          metadata = reader.item_metadata(step)
-          if metadata is None or metadata["state"] is None:  # JSON items have no metadata.
-            raise ValueError("no readable array metadata")
-          record = dict(reader.restore(
-              step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record)
-          saved = state_signature(metadata["state"].tree)
-          # Decided from readable metadata alone, so every process raises alike.
-          self._check_same_experiment(step, saved, expected, record, config)
-          state = reader.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state))).state
-          if int(jax.device_get(state.step)) != step:
-            raise ValueError(f"holds step {int(jax.device_get(state.step))}")
-          restored = Restored(state, step, record)
+          restored = self._restore(reader, step, abstract_state, expected, config)
         except CheckpointMismatchError:
-          raise
+          raise  # Decided from readable metadata alone, so every process raises alike.
         except Exception as e:  # pylint: disable=broad-except
-          error = f"{type(e).__name__}: {str(e)[:300]}"
+          error = _describe(e)
+          outcome = _DAMAGED if is_damage(e) else _FAILED
         # All processes resume from the same step, or the first collective hangs.
-        if _all_processes(restored is not None):
+        worst = _worst_outcome(outcome)
+        if worst == _RESTORED:
+          for newer, _ in damaged:
+            self._move_aside(newer)
           logging.info("Restored checkpoint at step %d from %s.", step, self.directory)
           return restored
+        if worst == _FAILED:
+          raise CheckpointRestoreError(
+              f"The checkpoint at step {step} in {self.directory} could not be restored ("
+              + (error if outcome == _FAILED else
+                 "another process failed for a reason other than damaged files; its log says "
+                 "which") + "). That is not damage to its files (those are moved aside and "
+              "an older checkpoint is used), so the run stops rather than guess: nothing in the "
+              "workdir was moved or deleted. Fix the cause (e.g. memory or devices too small for "
+              "the state, the storage, a library version) and run the same command again; if "
+              f"you know this checkpoint is bad, move {self.directory}/{step} out of "
+              f"{self.directory} by hand to resume from the one before.")
         logging.warning("Checkpoint at step %d in %s cannot be restored (%s); trying an older one.",
                         step, self.directory, error or "another process could not read its part")
-        self._move_aside(step)
+        damaged.append((step, error or "another process could not read its part"))
     finally:
       reader.close()
+    with_files = [(step, error) for step, error in damaged if self._has_files(step)]
+    if with_files:
+      raise CheckpointRestoreError(
+          f"None of the checkpoints in {self.directory} restores: " + "; ".join(
+              f"step {step}: {error}" for step, error in with_files) + ". Nothing was moved or "
+          "deleted, and the run does not start again from step 0 on its own. If they are "
+          f"damaged beyond use, move {self.directory} aside by hand (e.g. to "
+          f"{self.directory}_old) and run the same command to start from step 0; or fix the "
+          "storage and run again.")
+    for step, _ in damaged:  # Empty step folders: nothing to lose.
+      self._move_aside(step)
     return None
+
+  def _restore(self, reader: ocp.CheckpointManager, step: int, abstract_state: Any,
+               expected: dict, config: dict[str, Any]) -> Restored:
+    folder = epath.Path(self.directory) / str(step)
+    missing = [item for item in ("state", "record") if not (folder / item).exists()]
+    if missing:
+      raise _Damaged(f"no {' or '.join(missing)} folder in {folder}")
+    metadata = reader.item_metadata(step)
+    if metadata is None or metadata["state"] is None:  # JSON items have no metadata.
+      raise _Damaged("no readable array metadata")
+    record = dict(reader.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+                                 ).record)
+    saved = state_signature(metadata["state"].tree)
+    self._check_same_experiment(step, saved, expected, record, config)
+    state = reader.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state))).state
+    if int(jax.device_get(state.step)) != step:
+      raise _Damaged(f"holds step {int(jax.device_get(state.step))}")
+    return Restored(state, step, record)
+
+  def _has_files(self, step: int) -> bool:
+    """False for a step folder that holds no file at any depth (nothing to lose)."""
+    folders = [epath.Path(self.directory) / str(step)]
+    while folders:
+      folder = folders.pop()
+      if not folder.exists():
+        continue
+      for entry in folder.iterdir():  # epath has no recursive glob on gs://.
+        if not entry.is_dir():
+          return True
+        folders.append(entry)
+    return False
 
   def _check_same_experiment(self, step: int, saved_signature: dict, expected_signature: dict,
                              record: dict[str, Any], config: dict[str, Any]) -> None:

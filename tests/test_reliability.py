@@ -25,6 +25,8 @@ import pytest
 import tensorstore as ts
 from cpu_env import cpu_env
 
+from conadv_jax import checkpointing
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
 RUN_TIMEOUT_S = 600  # Generous: 2 cores may be shared with another test file (pytest -n 2).
@@ -49,6 +51,24 @@ def _hook(event, args):
       f.write(os.path.basename(os.fspath(target)) + "\\n")
 if _LOG:
   sys.addaudithook(_hook)
+'''
+
+# Makes orbax's restore of the state fail as a machine too small for it would (not damage to the
+# checkpoint's files), loaded at start-up as sitecustomize.
+_RESTORE_FAILS = '''
+import os
+_ERROR = os.environ.get("CONADV_TEST_RESTORE_ERROR")
+if _ERROR:
+  import orbax.checkpoint as ocp
+  _restore = ocp.CheckpointManager.restore
+  def _failing_restore(self, step, *args, **kwargs):
+    composite = kwargs.get("args", args[0] if args else None)
+    if composite is not None and "state" in composite:
+      raise {"memory": MemoryError("out of host memory"),
+             "device": RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                    "15.00GiB.")}[_ERROR]
+    return _restore(self, step, *args, **kwargs)
+  ocp.CheckpointManager.restore = _failing_restore
 '''
 
 
@@ -430,6 +450,97 @@ def test_empty_and_foreign_entries_never_push_out_a_checkpoint(single_run, tmp_p
   manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "record"))
   assert manager.all_steps() == [8, 12, 16]
   assert (workdir / "checkpoints" / "NOTES.txt").read_text() == "mine"
+
+
+def _unchanged_workdir(workdir: pathlib.Path):
+  """What a refused run must leave as it was: checkpoint files, config.json, metrics.jsonl."""
+  return (_checkpoint_files(workdir), (workdir / "config.json").read_text(),
+          (workdir / "metrics.jsonl").read_text())
+
+
+def test_only_damaged_files_count_as_damage():
+  """The classification behind the next tests; real orbax/tensorstore errors of damaged files
+  are raised in test_damaged_newest_checkpoint_falls_back_and_finishes and the zeroed-chunk
+  test (OUT_OF_RANGE, FAILED_PRECONDITION from a truncated or corrupt zstd stream)."""
+  def wrapped(cause):  # As orbax's serialization wraps tensorstore's error.
+    try:
+      raise Exception("Encountered error while reading array index") from cause
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+
+  damage = [FileNotFoundError(2, "No such file"), json.JSONDecodeError("Expecting value", "", 0),
+            ValueError("DATA_LOSS: Error decoding manifest"),
+            wrapped(ValueError('OUT_OF_RANGE: Error reading "params/0.0"')),
+            wrapped(ValueError("FAILED_PRECONDITION: Truncated Zstd-compressed stream")),
+            ValueError('NOT_FOUND: Error opening "zarr" driver')]
+  other = [MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory"),
+           wrapped(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")),
+           wrapped(ValueError("UNAVAILABLE: connection reset")),
+           ValueError("DEADLINE_EXCEEDED: GCS read"), PermissionError(13, "Permission denied"),
+           ValueError("INVALID_ARGUMENT: sharding"), KeyError("state"), TypeError("new orbax")]
+  assert [checkpointing.is_damage(e) for e in damage] == [True] * len(damage)
+  assert [checkpointing.is_damage(e) for e in other] == [False] * len(other)
+
+
+@pytest.mark.parametrize("error, shown", [
+    ("memory", "MemoryError: out of host memory"),
+    ("device", "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate"),
+])
+def test_a_restore_error_that_is_not_damage_stops_and_keeps_every_checkpoint(
+    single_run, tmp_path, error, shown):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  before = _unchanged_workdir(workdir)
+  (tmp_path / "sitecustomize.py").write_text(_RESTORE_FAILS)
+  process = _Main(tmp_path / "main.log", workdir, "--config.num_train_steps=16",
+                  CONADV_TEST_RESTORE_ERROR=error,
+                  PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+  assert _wait([process], timeout=180) == [2], process.output[-5000:]
+  assert re.search(r"error: The checkpoint at step 12 in \S+ could not be restored", process.output)
+  assert shown in process.output
+  assert "nothing in the workdir was moved or deleted" in process.output
+  assert "Traceback" not in process.output
+  assert _unchanged_workdir(workdir) == before  # Every checkpoint in place, nothing rewritten.
+  assert not (workdir / "checkpoints_damaged").exists()
+
+
+def test_no_checkpoint_restores_is_refused_and_nothing_is_moved(single_run, tmp_path):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  for step in (4, 8, 12):
+    _damage(workdir / "checkpoints" / str(step), "truncated")
+  before = _unchanged_workdir(workdir)
+  process = _Main(tmp_path / "main.log", workdir, "--config.num_train_steps=16")
+  assert _wait([process], timeout=180) == [2], process.output[-5000:]
+  assert re.search(r"error: None of the checkpoints in \S+ restores: step 12: .*; step 8: .*; "
+                   r"step 4: .*Nothing was moved or deleted", process.output)
+  assert "run the same command to start from step 0" in process.output
+  assert "Traceback" not in process.output
+  assert _unchanged_workdir(workdir) == before
+  assert not (workdir / "checkpoints_damaged").exists()
+
+
+def test_resume_with_another_data_layout_is_refused_and_kept(single_run, tmp_path):
+  """As if the checkpoint came from ImageNet without cache on 2 processes (per-process file
+  slices): the record saved with it names that layout; this run reads one global order. Only
+  the record on disk is edited; main.py runs unchanged."""
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  record_file = workdir / "checkpoints" / "12" / "record" / "metadata"
+  record = json.loads(record_file.read_text())
+  assert record["data_order"] is None  # Synthetic data: one global order.
+  record["data_order"] = "imagenet2012: TFDS file slices over 2 processes"
+  record_file.write_text(json.dumps(record))
+  before = _unchanged_workdir(workdir)
+  process = _Main(tmp_path / "main.log", workdir, "--config.num_train_steps=16")
+  assert _wait([process], timeout=180) == [2], process.output[-5000:]
+  assert ("error: The checkpoint in " in process.output and "(step 12) was trained with the data "
+          "read as imagenet2012: TFDS file slices over 2 processes, but this run would read it "
+          "as one global order" in process.output), process.output[-3000:]
+  assert "Resume with the same number of processes as before" in process.output
+  assert "Traceback" not in process.output
+  assert _unchanged_workdir(workdir) == before
+  assert not (workdir / "checkpoints_damaged").exists()
 
 
 def test_one_run_per_workdir_and_a_dead_run_s_lock_is_taken_over(tmp_path):
