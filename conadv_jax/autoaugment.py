@@ -52,7 +52,11 @@ import math
 
 import tensorflow as tf
 
-MAX_LEVEL = 10.0
+from conadv_jax import datasets
+
+# The top of the level scale. Its one definition is in the registry, which imports no TensorFlow,
+# so config validation can bound config.randaugment_magnitude before TensorFlow is loaded.
+MAX_LEVEL = datasets.RANDAUGMENT_MAX_MAGNITUDE
 FILL_VALUE = 128  # Grey for pixels a geometric op or Cutout leaves uncovered, in every channel.
 
 # Arguments of the AutoAugment policy of the reference TPU implementation for ImageNet, and of

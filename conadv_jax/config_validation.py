@@ -165,13 +165,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"of the {num_devices} devices; pick a grad_accum_steps that divides "
            f"{config.batch_size // num_devices}")
   per_device = config.batch_size // num_devices // accum
-  where = (f"the per-device batch of {per_device}" if accum == 1 else
+  where = (f"the per-device batch of {per_device} (batch_size {config.batch_size} over "
+           f"{num_devices} devices)" if accum == 1 else
            f"the per-device micro-batch of {per_device} (batch_size {config.batch_size} over "
            f"{num_devices} devices and {accum} micro-batches)")
   group = config.bn_group_size or 0
   _require(group <= per_device, "bn_group_size", config.bn_group_size,
-           f"it must not exceed {where} (batch_size {config.batch_size} over {num_devices} "
-           "devices)")
+           f"it must not exceed {where}")
   _require(group == 0 or config.batch_size % group == 0, "bn_group_size", config.bn_group_size,
            f"it must divide batch_size={config.batch_size}")
   _require(group == 0 or per_device % group == 0, "bn_group_size", config.bn_group_size,
@@ -187,7 +187,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def _check_run_length(config: ml_collections.ConfigDict, num_train_examples: int) -> None:
-  """The run's step count, computed as the run computes it, must be positive."""
+  """The run's step count, computed as the run computes it, must be positive; and what is read
+  from the train split after training must be in it (else it fails after all the training)."""
   steps_per_epoch = datasets.steps_per_epoch(config.batch_size, num_train_examples)
   _require(steps_per_epoch >= 1, "batch_size", config.batch_size,
            f"it exceeds the {num_train_examples} training examples of {config.dataset}")
@@ -197,6 +198,14 @@ def _check_run_length(config: ml_collections.ConfigDict, num_train_examples: int
     _require(False, "num_epochs", config.num_epochs,
              f"it rounds to 0 steps ({config.num_epochs} x {steps_per_epoch} steps per epoch); "
              "train for at least one step")
+  # evaluation.final_sharpness reads this many train examples in _finish, after the last step.
+  generated = datasets.get_spec(config).source == "synthetic"
+  _require(config.sharpness_num_examples <= num_train_examples, "sharpness_num_examples",
+           config.sharpness_num_examples,
+           f"the train split of {config.dataset} has only {num_train_examples} examples; use at "
+           f"most {num_train_examples}"
+           + (" (or raise config.synthetic_num_examples)" if generated else "")
+           + ", or 0 to skip the sharpness measurement")
 
 
 def validate_against_data(config: ml_collections.ConfigDict, info) -> None:

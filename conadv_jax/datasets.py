@@ -17,7 +17,8 @@ AUGMENTATIONS = ("inception_crop", "pad_crop", "none")  # The keys of augment.RE
 # config.aug_branch: no second view, or one augmented with AutoAugment "v0" or RandAugment
 # (`augment.policy_fn`). Kept here, not in augment.py, so validation needs no TensorFlow.
 AUG_BRANCHES = ("none", "autoaugment", "randaugment")
-RANDAUGMENT_MAX_MAGNITUDE = 10.0  # autoaugment.MAX_LEVEL.
+# The top of AutoAugment's magnitude scale; autoaugment.MAX_LEVEL is defined as this.
+RANDAUGMENT_MAX_MAGNITUDE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)

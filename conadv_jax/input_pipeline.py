@@ -16,7 +16,7 @@ cache is read as one file slice per process (`data_order_key` tells the two apar
 Batches are dicts of numpy arrays: 'image' uint8 raw pixels (B, H, W, C) (the model casts and
 normalises on the device: a quarter of float32's bytes), 'label' int32 (B,); train batches also
 'aug_image' (like 'image') when config.aug_branch is set; eval batches 'mask' float32 (B,), 0 on
-padding.
+padding, and 'index' int32 (B,), each row's position in the whole eval split.
 """
 from collections.abc import Callable, Iterator
 import collections
@@ -490,8 +490,10 @@ def _file_slices(config: ml_collections.ConfigDict, info: DatasetInfo, process_i
 
   For data too big for every process to hold (ImageNet without cache). Epoch e reads the
   slice's files in an order seeded by (seed, process, e), interleaved, through a shuffle window
-  of config.shuffle_buffer_size; epochs follow one another in one dataset whose next epoch is
-  opened (files, window filled) in the background while the current one is consumed. The
+  of config.shuffle_buffer_size; epochs follow one another in one dataset whose next two epochs
+  are opened (files, window filled) in the background while the current one is consumed, so up
+  to three windows are in memory (test_file_slices_open_the_next_epoch_before_the_current_one_ends
+  checks it). The
   slices are equal (tfds.split_for_jax_process, remainder dropped), so every process has the
   same number of examples per epoch.
   """
@@ -531,7 +533,8 @@ def _file_slices(config: ml_collections.ConfigDict, info: DatasetInfo, process_i
     return records.shuffle(window, seed=window_seed, reshuffle_each_iteration=False)
 
   first_epoch, skip = divmod(first, per_epoch)
-  # Parallel with one cycle: the next epoch's iterator is made and filled ahead of time.
+  # Parallel with one cycle: the iterators of the next 2 epochs (tf.data prefetches 2 input
+  # elements per cycle slot) are made and their windows filled ahead of time.
   records = tf.data.Dataset.counter(first_epoch).interleave(
       epoch_records, cycle_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   # Skip consumed examples before the costly parse / decode / augment.

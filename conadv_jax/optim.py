@@ -100,9 +100,11 @@ def create_learning_rate_schedule(config: Any, steps_per_epoch: float,
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
   if warmup_steps > total_steps:
     # A quick check (--config.num_train_steps=3) of a long recipe must still run.
+    # Step t uses schedule(t), so the last step (total_steps - 1) gets (total - 1) / total of it.
     logging.warning("Warmup (%d steps) is longer than the run (%d steps): clamped to the run, so "
-                    "the learning rate reaches its peak %g at the last step.", warmup_steps,
-                    total_steps, peak)
+                    "the learning rate rises over the whole run and would reach its peak %g only "
+                    "after the last step (which uses %g).", warmup_steps, total_steps, peak,
+                    peak * (total_steps - 1) / total_steps)
     warmup_steps = total_steps
   # At least one decay step keeps optax's schedules well defined for very short runs.
   decay_steps = max(total_steps - warmup_steps, 1)

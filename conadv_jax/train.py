@@ -272,7 +272,14 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
     # Starts after two steps of this (re)start, so compilation stays out of the trace.
     hooks.append(periodic_actions.Profile(
         logdir=checkpointer.workdir, num_profile_steps=config.profile_steps,
-        first_profile=run.step + 3, every_secs=None))
+        first_profile=run.step + 3, every_secs=None, profile_duration_ms=None))
+    # The trace is written when it stops, at step first_profile + profile_steps at the earliest.
+    room = exp.total_steps - (run.step + 3)
+    if config.profile_steps > room:
+      logging.warning("profile_steps=%d: no profiler trace will be written, because the trace "
+                      "starts at step %d and this run ends at step %d; %s.", config.profile_steps,
+                      run.step + 3, exp.total_steps,
+                      f"use profile_steps <= {room}" if room > 0 else "use a longer run")
   # A preempted run skips the eval of its last step (the deadline is near); it runs here.
   if (run.resumed and run.step % eval_every == 0 and 0 < run.step < exp.total_steps
       and run.record.get("last_eval_step") != run.step):

@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.small_resnet_width = 16  # Channels of the first stage; doubled per stage.
   config.mlp_widths = (256, 256)  # MLP only: hidden widths, each Dense -> BN -> ReLU.
   config.dtype = "float32"  # Compute dtype: float32 | bfloat16. Parameters stay float32.
-  config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device batch.
+  config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device micro-batch.
   config.adv_bn = "separate"  # separate | shared: BN of the adversarial branch.
   # flax | reference: initialisation and strided-conv padding (conadv_jax/models.py docstring);
   # "reference" is the paper's code (tensorflow/tpu ResNet), whose LARS learning rates assume it.

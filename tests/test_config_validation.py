@@ -4,13 +4,20 @@ Each bad value must stop the run before anything is compiled, within 30 s, with 
 names the field (`config.<field>=<value> is not allowed: <what is>`) or the flag, file or folder.
 Runs on 4 fake CPU devices, so cpu_smoke's batch of 32 is 8 per device.
 """
+import math
 import pathlib
+import re
 import subprocess
 import sys
 import time
+import types
 
+import ml_collections
 import pytest
 from cpu_env import cpu_env
+
+from conadv_jax import config_validation
+from configs import cpu_smoke
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -69,6 +76,8 @@ CASES = [
     (["--config.synthetic_num_classes=1"], "synthetic_num_classes"),
     (["--config.fifo_memory_limit_gib=-1"], "fifo_memory_limit_gib"),
     (["--config.fifo_memory_limit_gib=0.000001"], "staleness"),  # The FIFO needs 0.0000058 GiB.
+    # Read from the train split's 256 examples after training, in the final sharpness measure.
+    (["--config.sharpness_num_examples=1000"], "sharpness_num_examples"),
 ]
 
 
@@ -101,6 +110,118 @@ def test_bad_field_fails_fast_with_its_name(tmp_path, flags, field):
   assert f"config.{field}=" in output and "is not allowed:" in output, output[-3000:]
   # Nothing was trained: no checkpoint, no metrics.
   assert not (tmp_path / "workdir" / "checkpoints").exists()
+
+
+# One bad value per FIELD_RULES entry, checked in-process (milliseconds each). Values of the right
+# type break the field's own check; bool fields and num_train_steps only have a type to check,
+# so they get a value of the wrong type (which a config file, unlike a flag, can hold).
+RULE_CASES = {
+    "dataset": "mnist",
+    "data_dir": "  ",
+    "image_size": 5000,
+    "cache": 1,
+    "shuffle_buffer_size": 0,
+    "augment": "true",
+    "aug_branch": "mixup",
+    "randaugment_num_layers": -1,
+    "randaugment_magnitude": 10.5,
+    "eval_batch_size": 0,
+    "synthetic_num_examples": 0,
+    "synthetic_num_classes": 1,
+    "model": "ResNet19",
+    "small_resnet_depth": 7,
+    "small_resnet_width": 0,
+    "mlp_widths": (256, 0),
+    "dtype": "float16",
+    "bn_group_size": -1,
+    "adv_bn": "mixed",
+    "model_init": "tf",
+    "method": "madry",
+    "staleness": -1,
+    "clean_weight": -1.0,
+    "adv_weight": math.nan,
+    "label_smoothing": 1.0,
+    "attack.epsilon": -1.0,
+    "attack.step_size": 0.0,
+    "attack.num_steps": 0,
+    "attack.random_start_prob": 1.5,
+    "attack.targeted": 1,
+    "attack.random_start": "per_row",
+    "loss_weighting": "median",
+    "task_layout": "halves",
+    "grad_accum_steps": 0,
+    "batch_size": 0,
+    "num_epochs": math.inf,
+    "num_train_steps": 12.5,
+    "optimizer": "adam",
+    "learning_rate": 0.0,
+    "warmup_epochs": -1.0,
+    "lr_schedule": "step",
+    "lr_decay_power": 0.0,
+    "end_learning_rate": -1.0,
+    "weight_decay": -1e-4,
+    "momentum": 1.0,
+    "nesterov": "yes",
+    "lars_trust_coefficient": 0.0,
+    "lars_eps": -1.0,
+    "seed": -1,
+    "log_every_steps": 0,
+    "eval_every_steps": 0,
+    "checkpoint_every_steps": 0,
+    "keep_checkpoints": 0,
+    "eval_adversarial": None,
+    "eval_pgd_steps": -1,
+    "eval_pgd_epsilon": math.nan,
+    "sharpness_num_examples": -1,
+    "sharpness_iterations": 0,
+    "prefetch_to_device": -1,
+    "fifo_memory_limit_gib": -1.0,
+    "profile_steps": -1,
+}
+
+
+def _smoke_config_with(field: str, value) -> ml_collections.ConfigDict:
+  """cpu_smoke's conadv config with one field set; not type-safe, so a wrong type gets in."""
+  config = ml_collections.ConfigDict(cpu_smoke.get_config("conadv").to_dict(), type_safe=False)
+  node, _, name = field.rpartition(".")
+  (config[node] if node else config)[name] = value
+  return config
+
+
+def test_every_rule_has_a_bad_value_case():
+  assert set(RULE_CASES) == set(config_validation.FIELD_RULES)
+
+
+def test_the_cpu_smoke_config_is_valid():  # So each case below fails on its one field only.
+  config_validation.validate(_smoke_config_with("seed", 0), NUM_DEVICES)
+
+
+@pytest.mark.parametrize("field", list(RULE_CASES))
+def test_each_rule_refuses_its_bad_value(field):
+  value = RULE_CASES[field]
+  _, (_, allowed) = config_validation.FIELD_RULES[field]
+  with pytest.raises(config_validation.ConfigError) as raised:
+    config_validation.validate(_smoke_config_with(field, value), NUM_DEVICES)
+  message = str(raised.value)
+  assert message.startswith(f"config.{field}=") and "is not allowed: " in message, message
+  # The field's own rule refused it (a type rule where the field has no other).
+  assert (allowed or "it must be of type") in message, message
+
+
+def test_sharpness_subset_larger_than_the_train_split_is_refused_before_training():
+  config = cpu_smoke.get_config("conadv")  # 256 synthetic training examples.
+  config.sharpness_num_examples = 256
+  config_validation.validate(config, NUM_DEVICES)
+  config.sharpness_num_examples = 257
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config\.sharpness_num_examples=257 is not allowed: .* only 256 "
+                     r"examples; use at most 256 \(or raise config\.synthetic_num_examples\)"):
+    config_validation.validate(config, NUM_DEVICES)
+  # The prepared data may hold fewer examples than the registry's published count.
+  config.sharpness_num_examples = 200
+  with pytest.raises(config_validation.ConfigError,
+                     match=re.escape("only 100 examples; use at most 100")):
+    config_validation.validate_against_data(config, types.SimpleNamespace(num_train_examples=100))
 
 
 def _assert_says_how_to_prepare_imagenet(output: str, data_dir: pathlib.Path) -> None:

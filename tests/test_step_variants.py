@@ -30,7 +30,7 @@ FGSM = attacks.AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1, random_star
 
 def make_state(params, batch_stats, tx: optax.GradientTransformation, *, staleness: int,
                batch_size: int) -> conadv.TrainState:
-  """The only place this file builds a TrainState (its signature is still moving)."""
+  """The only place this file builds a TrainState."""
   return conadv.TrainState.create(params=params, batch_stats=batch_stats, tx=tx,
                                   staleness=staleness, batch_shape=(batch_size, *IMAGE_SHAPE),
                                   rng=jax.random.PRNGKey(1))

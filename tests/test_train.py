@@ -202,3 +202,37 @@ def test_the_step_gets_batch_t_and_batch_t_plus_tau(preset, tmp_path, monkeypatc
   assert sorted(seen) == list(range(12))
   for t in range(12):
     assert seen[t] == (expected[t], expected[t + tau]), f"step {t}"
+
+
+def test_checkpoint_managers_are_closed_at_the_end_and_on_an_error(tmp_path, monkeypatch,
+                                                                    caplog):
+  """Every orbax CheckpointManager a run opens (the writer and restore's reader) is closed, when
+  the run finishes and when it stops with an error. The finishing run is also too short for its
+  profile window, which must be said, not skipped silently."""
+  opened, closed = [], []
+  real_init, real_close = ocp.CheckpointManager.__init__, ocp.CheckpointManager.close
+
+  def init(self, *args, **kwargs):
+    opened.append(self)
+    real_init(self, *args, **kwargs)
+
+  def close(self):
+    closed.append(self)
+    real_close(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "__init__", init)
+  monkeypatch.setattr(ocp.CheckpointManager, "close", close)
+  workdir = str(tmp_path)
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(smoke_config("vanilla", num_train_steps=2, profile_steps=1), workdir)
+  assert "profile_steps=1: no profiler trace will be written, because the trace starts at step 3 " \
+         "and this run ends at step 2; use a longer run." in caplog.text
+  assert opened and all(any(c is m for c in closed) for m in opened), (opened, closed)
+
+  opened.clear()
+  closed.clear()
+  # Resumed from step 2 with an absurd learning rate: non-finite metrics at the log of step 4.
+  with pytest.raises(train.NonFiniteLossError):
+    train.train_and_evaluate(smoke_config("vanilla", num_train_steps=4, learning_rate=1e30),
+                             workdir)
+  assert opened and all(any(c is m for c in closed) for m in opened), (opened, closed)
