@@ -38,7 +38,11 @@ reproduces which number", lists them and what still differs):
 Differences from the reference that remain: ε is one number (4) for every channel rather than
 9·(2/255)·σ_c per channel (4.1 / 4.0 / 4.0); ConAdv uses the stale parameters of Algorithm 1
 (the reference builds them but attacks with the current ones); the loss of each branch is
-computed in its own forward pass rather than one concatenated batch (the same mean).
+computed in its own forward pass rather than one concatenated batch (the same mean); one
+random-start coin per global batch, where the reference's per-core model_fn most likely drew one
+per core (96 examples); optax's LARS trust ratio rather than TF's; AutoAugment ops that follow
+PIL where the reference's TF ops differ (Contrast, Sharpness, shears). docs/optimizers.md lists
+them per row of the table.
 
 With 8 accelerators, gradient accumulation keeps the 96K recipe's batch and BN groups:
 `--config.grad_accum_steps=128` (96 examples per device per micro-batch). Whether that fits in a
@@ -46,8 +50,10 @@ device's memory is not measured: docs/performance.md ("Memory and checkpoint siz
 scale") gives an XLA:CPU upper bound of 84.5 GB per device, the estimate behind a fit on 80 GB,
 the settings that fit even by the bound, and how to measure on the target device.
 
-A shrunken copy runs on a CPU (synthetic data, 32-pixel images, a few steps; tests/test_main.py
-runs these):
+A shrunken copy runs on one CPU device (synthetic data, 32-pixel images, a few steps;
+tests/test_main.py runs these). With more devices the batch of 16 is spread too thin for BN
+groups of 4: validation refuses grad_accum_steps=2 from 4 devices up (micro-batches of 2 per
+device) and k=1 from 8 up:
   python main.py --config=configs/imagenet_resnet50.py:conadv_aa_96k --workdir=/tmp/r50 \
       --config.dataset=synthetic --config.image_size=32 --config.batch_size=16 \
       --config.bn_group_size=4 --config.num_train_steps=3 --config.eval_batch_size=16 \

@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax import attacks, conadv, losses, models
+from conadv_jax import attacks, conadv, experiment, input_pipeline, losses, models, parallel
+from configs import cpu_smoke
 
 NUM_CLASSES = 4
 
@@ -147,3 +148,59 @@ def test_per_batch_random_start_shares_one_coin():
                  axis=(2, 3, 4))
   assert np.all(moved.all(axis=1) | ~moved.any(axis=1))  # One coin per batch.
   assert abs(moved[:, 0].mean() - 0.8) <= 5 * np.sqrt(0.8 * 0.2 / batches)
+
+
+def _fifo_attacks_of_the_train_step(random_start: str, num_steps: int):
+  """Attacks the real ConAdv step (τ = 1, 4 devices, grad_accum_steps = 2) writes to its FIFO.
+
+  The model's parameters are all zero and the learning rate is 0, so its input gradient is
+  exactly zero at every step: sign(0) = 0 and each adversarial image is its random start,
+  quantized. A row equal to the clean image started clean; any other row started from noise.
+  Returns (moved [num_steps + 1, B] bool, clean images, FIFO images [num_steps + 1, B, ...]).
+  """
+  config = cpu_smoke.get_config("conadv")
+  config.update(dict(image_size=8, batch_size=16, bn_group_size=2, grad_accum_steps=2,
+                     synthetic_num_classes=5, learning_rate=0.0))
+  config.attack.random_start = random_start
+  exp = experiment.build(config, input_pipeline.get_dataset_info(config),
+                         parallel.make_mesh(jax.devices()[:4]))
+  assert exp.method.staleness == 1 and exp.method.grad_accum_steps == 2
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.randint(20, 236, (16, 8, 8, 3)).astype(np.uint8),
+           "label": rng.randint(0, 5, 16).astype(np.int32)}
+  state = exp.init_state()
+  state = state.replace(params=jax.tree.map(lambda p: p * 0, state.params))
+  # The coin of batch i comes from (rng, i) alone, so one batch serves every step; the FIFO
+  # slot after step t holds the attack on batch t + 1.
+  state = exp.fill_fifo(state, [batch])
+  slots = [np.asarray(state.adv_fifo["image"][0])]
+  for _ in range(num_steps):
+    state, _ = exp.train_step(state, batch, batch)
+    slots.append(np.asarray(state.adv_fifo["image"][0]))
+  assert not any(np.any(np.asarray(p)) for p in jax.tree.leaves(state.params))  # Still zero.
+  slots = np.stack(slots)
+  moved = np.any(slots != batch["image"], axis=(2, 3, 4))
+  return moved, batch["image"], slots
+
+
+def test_per_batch_random_start_in_the_train_step_shares_one_coin_per_batch():
+  """Through fill_fifo and the jitted step on 4 devices with 2 micro-batches, random_start=
+  "per_batch" starts every row of a batch from noise or none of them, for ~80% of batches.
+
+  A coin per example, per micro-batch or per device would leave some batches mixed.
+  """
+  moved, clean, slots = _fifo_attacks_of_the_train_step("per_batch", num_steps=150)
+  batches = moved.shape[0]
+  assert np.all(moved.all(axis=1) | ~moved.any(axis=1)), np.flatnonzero(
+      moved.any(axis=1) & ~moved.all(axis=1))
+  fraction = moved[:, 0].mean()
+  assert abs(fraction - 0.8) <= 5 * np.sqrt(0.8 * 0.2 / batches), fraction
+  assert np.abs(slots.astype(int) - clean.astype(int)).max() <= 9  # Inside the ε-ball.
+
+
+def test_per_example_random_start_in_the_train_step_mixes_a_batch():
+  """The same path with random_start="per_example": each row has its own coin."""
+  moved, _, _ = _fifo_attacks_of_the_train_step("per_example", num_steps=15)
+  mixed = moved.any(axis=1) & ~moved.all(axis=1)
+  assert mixed.mean() >= 0.5, mixed  # P(16 rows agree) = 0.8^16 + 0.2^16 ≈ 3%.
+  assert abs(moved.mean() - 0.8) <= 5 * np.sqrt(0.8 * 0.2 / moved.size), moved.mean()

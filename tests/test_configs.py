@@ -51,8 +51,44 @@ def test_config_validates_and_builds_its_model(name, preset):
   if preset and preset.startswith("conadv"):
     assert config.method == "conadv" and config.staleness >= 1
   if name == "imagenet_resnet50":
-    assert config.batch_size == imagenet_resnet50.BATCH_SIZES[preset.split("_")[-1]]
+    batch = preset.split("_")[-1]
+    assert config.batch_size == imagenet_resnet50.BATCH_SIZES[batch]
     assert (config.aug_branch == "autoaugment") == ("_aa_" in preset)
+    assert config.bn_group_size == IMAGENET_BN_GROUP_SIZES[batch] > 0
+
+
+# The BN group of every ImageNet preset, as configs/imagenet_resnet50.py's docstring justifies
+# it: the per-core batch of the reference's 1,024-core TPU v3 slice from 32K up (98,304 / 1,024
+# = 96, 65,536 / 1,024 = 64, 32,768 / 1,024 = 32), and 32 below 32K (Goyal et al.'s per-worker
+# batch). Written out, not read from the config module, so a changed table fails here.
+IMAGENET_BN_GROUP_SIZES = {"1k": 32, "4k": 32, "8k": 32, "16k": 32, "32k": 32, "64k": 64,
+                           "96k": 96}
+REFERENCE_CORES = 1_024
+
+
+def test_imagenet_bn_groups_are_the_reference_per_core_batches():
+  assert set(IMAGENET_BN_GROUP_SIZES) == set(imagenet_resnet50.BATCH_SIZES)
+  for batch, size in imagenet_resnet50.BATCH_SIZES.items():
+    group = IMAGENET_BN_GROUP_SIZES[batch]
+    if size >= 32_768:
+      assert group == size // REFERENCE_CORES, batch
+    else:
+      assert group == 32, batch
+    for preset in (f"vanilla_{batch}", f"disadv_{batch}", f"conadv_{batch}",
+                   f"conadv2_{batch}", f"conadv_aa_{batch}", f"vanilla_aa_{batch}"):
+      assert imagenet_resnet50.get_config(preset).bn_group_size == group, preset
+
+
+@pytest.mark.parametrize("num_devices,grad_accum_steps", [(8, 128), (REFERENCE_CORES, 1)])
+def test_headline_preset_validates_on_the_documented_device_counts(num_devices,
+                                                                   grad_accum_steps):
+  """conadv_aa_96k as its docstring runs it: 8 accelerators with grad_accum_steps=128, or the
+  reference's 1,024 cores with k=1. Either way a device's micro-batch is 96 examples, one BN
+  group of the preset's 96, so the BN statistics are the reference's."""
+  config = imagenet_resnet50.get_config("conadv_aa_96k")
+  config.grad_accum_steps = grad_accum_steps
+  config_validation.validate(config, num_devices=num_devices)
+  assert config.batch_size // num_devices // grad_accum_steps == config.bn_group_size == 96
 
 
 def test_imagenet_presets_follow_the_reference_recipe_table():
@@ -77,6 +113,9 @@ def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
   """
   paper_steps = {"32k": 3_558, "64k": 1_779, "96k": 1_301}
   paper_warmup_epochs = {"1k": 5, "4k": 5, "8k": 5, "16k": 5, "32k": 25, "64k": 41, "96k": 41}
+  # The same warmups in steps, written out: round(epochs · 1,281,167 / B).
+  paper_warmup_steps = {"1k": 6_256, "4k": 1_564, "8k": 782, "16k": 391, "32k": 977,
+                        "64k": 802, "96k": 534}
   for batch, warmup_epochs in paper_warmup_epochs.items():
     size = imagenet_resnet50.BATCH_SIZES[batch]
     for preset in (f"vanilla_{batch}", f"conadv_{batch}", f"conadv_aa_{batch}"):
@@ -89,11 +128,10 @@ def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
       else:
         assert total == round(91 * IMAGENET_TRAIN_EXAMPLES / size)
       warmup = round(warmup_epochs * IMAGENET_TRAIN_EXAMPLES / size)
+      assert warmup == paper_warmup_steps[batch]
       schedule = optim.create_learning_rate_schedule(config, per_epoch, total)
       assert float(schedule(warmup)) == pytest.approx(config.learning_rate, rel=1e-6)
       assert float(schedule(warmup - 1)) < config.learning_rate * (1 - 0.5 / warmup)
-  # Spelled out for the record: the 96K warmup is 41 · 13.03 = 534 steps.
-  assert round(41 * IMAGENET_TRAIN_EXAMPLES / 98_304) == 534
 
 
 def imagenet_info(config):
@@ -112,7 +150,7 @@ def test_imagenet_presets_are_the_reference_run(preset):
   assert (attack.epsilon, attack.step_size, attack.num_steps, attack.targeted) == (4.0, 4.0, 1,
                                                                                   True)
   assert (attack.random_start, attack.random_start_prob) == ("per_batch", 0.8)
-  assert config.bn_group_size == {"4k": 32, "32k": 32, "64k": 64, "96k": 96}[preset.split("_")[-1]]
+  assert config.bn_group_size == IMAGENET_BN_GROUP_SIZES[preset.split("_")[-1]]
   assert config.label_smoothing == 0.1 and config.dtype == "bfloat16"
 
 

@@ -7,6 +7,8 @@ import itertools
 import os
 import pathlib
 import shutil
+import threading
+import time
 
 import jax
 import numpy as np
@@ -656,6 +658,65 @@ def test_cache_reshuffles_the_whole_split_every_epoch(imagenet_dir):
     for shard in np.array_split(np.arange(16), IMAGENET_SHARDS):
       labels = batch["label"]
       assert list(labels[np.isin(labels, shard)]) == list(shard)
+
+
+LONG_EPOCH = 256  # Train records of `long_imagenet_dir`.
+
+
+@pytest.fixture(scope="module")
+def long_imagenet_dir(tmp_path_factory) -> str:
+  """A prepared imagenet2012 whose epoch (256 tiny JPEGs, 4 shards) is far longer than what the
+  stages after the epoch interleave (decode map, batch, prefetch) read ahead of the consumer."""
+  data_dir = tmp_path_factory.mktemp("imagenet_long")
+  builder = tfds.builder("imagenet2012", data_dir=str(data_dir))
+  rng = np.random.default_rng(1)
+  example = lambda i: {"image": rng.integers(0, 256, (12, 12, 3), dtype=np.uint8),
+                       "label": i % 1000, "file_name": f"n{i:08d}.JPEG"}
+  _write_prepared(builder, {"train": [example(i) for i in range(LONG_EPOCH)],
+                            "validation": [example(i) for i in range(4)]}, 4)
+  return str(data_dir)
+
+
+def test_file_slices_open_the_next_epoch_before_the_current_one_ends(long_imagenet_dir,
+                                                                     monkeypatch):
+  """Without cache, the next epoch's files are read and its shuffle window filled in the
+  background while the consumer is still at the start of the current epoch.
+
+  Every record read from a file is counted. The window holds a whole epoch, so an opened epoch
+  reads all its 256 records before yielding one. After one batch of 4, nothing downstream has
+  asked for anything past epoch 0 (252 examples are left in it), so reads beyond 256 are the
+  interleave opening later epochs on its own: at least one (what hides the boundary), at most
+  two (tf.data's interleave prefetches 2 × cycle_length = 2 input elements: up to 3 windows in
+  memory, as docs/performance.md says). The wait below bounds a poll, it times nothing; the
+  upper bound can miss a third epoch on a slow machine, never fail wrongly.
+  """
+  reads = []
+  lock = threading.Lock()
+  real_dataset = tf.data.TFRecordDataset
+
+  def count(record):
+    with lock:
+      reads.append(1)
+    return record
+
+  def counting_dataset(*args, **kwargs):
+    return real_dataset(*args, **kwargs).map(
+        lambda r: tf.ensure_shape(tf.py_function(count, [r], tf.string), []))
+
+  monkeypatch.setattr(tf.data, "TFRecordDataset", counting_dataset)
+  config = _imagenet_config(long_imagenet_dir, batch_size=4, shuffle_buffer_size=LONG_EPOCH)
+  batches = input_pipeline.train_batches(config, input_pipeline.get_dataset_info(config),
+                                         process_index=0, process_count=1)
+  try:
+    assert next(batches)["image"].shape == (4, 32, 32, 3)
+    deadline = time.monotonic() + 120
+    while len(reads) < 2 * LONG_EPOCH and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert len(reads) >= 2 * LONG_EPOCH, len(reads)  # Epoch 1 opened while in epoch 0.
+    time.sleep(1.0)
+    assert len(reads) <= 3 * LONG_EPOCH, len(reads)  # Never more than two epochs ahead.
+  finally:
+    batches.close()
 
 
 # --- Mistakes a user can make end in a UserError that names the file and the fix. ---

@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax import (checkpointing, config_validation, experiment, input_pipeline, parallel,
-                        train)
+from conadv_jax import (checkpointing, config_validation, experiment, input_pipeline, losses,
+                        parallel, train)
 from configs import cpu_smoke, imagenet_resnet50
 from cpu_env import cpu_env
 
@@ -112,6 +112,34 @@ def test_split_equals_shared(case):
                        jax.device_get(build(tiny_config(preset, "split", **overrides))
                                       .init_state().batch_stats))
   assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["shared", "split"])
+def test_adversarial_loss_uses_the_labels_stored_with_the_fifo(layout):
+  """Task A pairs the FIFO's images with the labels stored with them, in both layouts.
+
+  Batch t is given other labels than the batch attacked at t-τ (as a resume on another host
+  count could do): adv_loss must be the stored images' loss under the stored labels. The split
+  layout pairs them in its own code (split_layout.local_step / make_task_a), so a mix-up there
+  would pass tests/test_conadv.py's version of this test, which runs the shared step only.
+  """
+  config = tiny_config("conadv", layout, bn_group_size=2)
+  exp = build(config)
+  attacked, later = make_batches(2, aug=False)
+  state = exp.fill_fifo(exp.init_state(), [attacked])
+  stored, params, stats = jax.device_get((state.adv_fifo, state.params, state.batch_stats))
+  np.testing.assert_array_equal(stored["label"][0], attacked["label"])
+  relabelled = dict(attacked, label=(attacked["label"] + 1) % CLASSES)
+  state, metrics = exp.train_step(state, relabelled, later)
+
+  def adv_loss(labels):
+    logits, _ = exp.forward(params, stats, stored["image"][0], train=True, branch="adv")
+    return float(losses.cross_entropy(logits, labels, exp.method.label_smoothing).mean())
+
+  np.testing.assert_allclose(metrics["adv_loss"], adv_loss(attacked["label"]), rtol=1e-5)
+  assert abs(adv_loss(relabelled["label"]) - adv_loss(attacked["label"])) > 1e-2
+  # The slot now holds the attack on batch t+1 with batch t+1's labels.
+  np.testing.assert_array_equal(jax.device_get(state.adv_fifo["label"][0]), later["label"])
 
 
 # --- The compiled program: one conditional, the weight gradient only in task A's branch. ---
