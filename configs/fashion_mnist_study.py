@@ -14,7 +14,7 @@ Why these choices (measured numbers and the tuning sweep in docs/study.md):
   of a shared 2-core CPU; the depth-8 SmallResNet trains at ~340 images/s on one core there,
   hours per run, while a 2x256 MLP takes seconds per epoch.
 * Fixed epochs: the large-batch effect under study is what a fixed data budget does when the
-  batch grows (fewer, larger steps); NUM_EPOCHS epochs are 3 steps per epoch at 16K.
+  batch grows (fewer, larger steps); at 16K an epoch is 60000 / 16384 = 3.7 steps (55 in all).
 * BN statistics over groups of 256 at every batch size (ghost BN), so the batch size changes the
   number and size of the optimizer's steps, not the noise of the BN statistics.
 * LARS (trust coefficient 0.001, momentum 0.9), one warmup epoch, then polynomial decay (power
@@ -66,9 +66,14 @@ def get_config(preset: str = "conadv_256") -> ml_collections.ConfigDict:
   config.lr_decay_power = 2.0
   config.end_learning_rate = 0.0
   steps_per_epoch = 60_000 // config.batch_size
-  # Three evals per run (every 5 epochs); the last is the final eval.
+  # An eval every 5 * floor(60000 / B) steps (just under 5 epochs): three periodic evals per run
+  # (steps 15/30/45 of 55 at 16K, 1170/2340/3510 of 3516 at 256), then the final eval.
   config.eval_every_steps = 5 * steps_per_epoch
-  # Each logged train top-1 averages about 16K examples (the last one is results.json's).
+  # A logged train top-1 averages about 16K examples, but train.py also closes the logging
+  # window at every checkpoint save (checkpoint_every_steps below). So the last window,
+  # results.json's train top-1, is 6 steps = 1,536 examples at 256 (save at 3510 of 3516),
+  # 9 steps = 9,216 at 1K (save at 870 of 879), and 16,384 examples at 4K and 16K
+  # (docs/study.md, Limits).
   config.log_every_steps = max(16_384 // config.batch_size, 1)
   config.checkpoint_every_steps = max(steps_per_epoch, 1) * 3
   config.eval_pgd_steps = 10

@@ -217,12 +217,21 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
   good = dict(TINY, num_train_steps=4, seed=0, eval_pgd_steps=2, sharpness_num_examples=32,
               sharpness_iterations=3)
   bad = dict(TINY, num_train_steps=4, seed=1, learning_rate=-1.0)  # Refused by validation.
+  # One at a time, the failing run first: the good run is still queued when the failure comes,
+  # so this shows that a run queued after a failure still starts, not only that one running
+  # beside it is left alone.
   sweep_file = write_sweep_file(tmp_path / "s.py", [("configs/cpu_smoke.py:vanilla", bad),
                                                     ("configs/cpu_smoke.py:vanilla", good)])
-  proc = run_sweep(sweep_file, tmp_path / "root", "--parallel=2")
+  proc = run_sweep(sweep_file, tmp_path / "root", "--parallel=1")
   assert proc.returncode == 1, proc.stdout + proc.stderr
   bad_name = sweep.run_name("configs/cpu_smoke.py:vanilla", bad)
+  good_name = sweep.run_name("configs/cpu_smoke.py:vanilla", good)
   assert f"FAILED {bad_name}: exit status 2" in proc.stdout
+  events = [line.split()[1:3] for line in proc.stdout.splitlines()
+            if line.split()[:2] in (["[sweep]", "start"], ["[sweep]", "FAILED"],
+                                    ["[sweep]", "done"])]
+  assert events == [["start", bad_name], ["FAILED", f"{bad_name}:"], ["start", good_name],
+                    ["done", good_name]], proc.stdout
   assert "config.learning_rate=-1.0 is not allowed" in proc.stdout  # The tail of its log.
   assert "1 failed" in proc.stdout
   header, rows = read_csv(tmp_path / "root" / "summary.csv")
