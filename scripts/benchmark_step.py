@@ -28,6 +28,7 @@ Examples:
 """
 import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -39,6 +40,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 import optax
@@ -425,9 +427,11 @@ def main(argv: Sequence[str]) -> None:
               "task_costs_source": "compiled.cost_analysis() of each task jitted alone for one "
                                    f"device of this backend ({devices[0].platform})",
               "roofline_projection": projection,
-              "device": str(devices[0]), "num_devices": len(devices),
+              "device": str(devices[0]), "device_kind": devices[0].device_kind,
+              "platform": devices[0].platform, "num_devices": len(devices),
               "device_peak_bytes_in_use": _device_peak_bytes(),
-              "jax_version": jax.__version__}
+              "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "argv": sys.argv}
     with open(FLAGS.json, "w") as f:
       json.dump(report, f, indent=1)
       f.write("\n")

@@ -10,7 +10,8 @@ import pathlib
 import subprocess
 import sys
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_step.py"
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "benchmark_step.py"
 
 
 def test_benchmark_script_writes_report(tmp_path):
@@ -41,6 +42,8 @@ def test_benchmark_script_writes_report(tmp_path):
   assert report["config"]["batch_size"] == 8
   assert report["config"]["channels"] == 1
   assert isinstance(report["device"], str)
+  assert report["platform"] == "cpu" and isinstance(report["device_kind"], str)
+  assert report["argv"][1:3] == ["--batch_size=8", "--image_size=16"]
   assert set(report["ratios"]) >= {"conadv/disadv", "conadv/vanilla", "conadv_split/conadv"}
 
   # Per-task costs at 4 rows (a device's share in the shared layout) and 8 (in split).
@@ -63,3 +66,27 @@ def test_benchmark_script_writes_report(tmp_path):
   assert projection["global_batch"] == 4 * 16 and steps["vanilla"] > 0
   assert steps["disadv"] == steps["conadv_shared"] > steps["vanilla"]
   assert steps["conadv_split_2x_cores"] < steps["conadv_shared"]
+
+
+def test_task_timer_runs_without_tensorflow_and_writes_report(tmp_path):
+  """scripts/benchmark_tasks.py under scripts/without_tensorflow.py, as run on the H200."""
+  out = tmp_path / "tasks.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPTS / "without_tensorflow.py"), str(SCRIPTS / "benchmark_tasks.py"),
+       "--image_size=8", "--small_resnet_width=4", "--task_rows=2,4", "--task_repeats=2",
+       "--task_warmup=1", "--roofline_cores=16", f"--json={out}"],
+      env=env, timeout=600, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "scripts/without_tensorflow.py stands in" not in proc.stderr  # Nothing called TF.
+
+  report = json.loads(out.read_text())
+  assert report["env"]["platform"] == "cpu" and report["skipped"] == []
+  for rows in ("2", "4"):
+    assert set(report["tasks"][rows]) >= {"task_a", "task_b", "vanilla"}
+    for entry in report["tasks"][rows].values():
+      assert entry["ms_median"] > 0 and len(entry["ms_all"]) == 2
+  projection = report["measured_projection_ms"]
+  assert projection["conadv_shared_1dev (= disadv)"] > projection["vanilla_1dev"]
+  assert (projection["conadv_split_2x_devices (A on r, B on r)"]
+          < projection["conadv_shared_1dev (= disadv)"] + projection["allreduce_ms_2gpu"])
