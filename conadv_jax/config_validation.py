@@ -90,7 +90,9 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
     "grad_accum_steps": (_INT, _at_least(1)),
     "batch_size": (_INT, _at_least(1)),
     "num_epochs": (_FLOAT, _FINITE),
-    "num_train_steps": (_INT, _ANY),
+    "num_train_steps": (_INT, ((lambda v: v == -1 or v > 0),
+                               "use -1 (the length comes from num_epochs) or a positive number "
+                               "of steps")),
     "optimizer": (_STR, _one_of(optim.OPTIMIZERS)),
     "learning_rate": (_FLOAT, _above(0)),
     "warmup_epochs": (_FLOAT, _at_least(0)),

@@ -124,6 +124,13 @@ def project(sizes: dict[str, Any], fit: dict[str, float], config, num_devices: i
 def main(argv: Sequence[str]) -> None:
   del argv
   config = FLAGS.config
+  if config.task_layout != "shared":
+    # Split runs one task per device on twice the rows (2x the FIFO and input bytes) and its
+    # working memory is max(task A, task B), which this one-device compilation does not see.
+    raise app.UsageError(
+        f"memory_report.py models task_layout='shared' only, not {config.task_layout!r}: "
+        "rerun with --config.task_layout=shared. In the split layout a device holds twice the "
+        "FIFO and input rows of the shared layout and runs one task on them.")
   layouts = list(zip(FLAGS.num_devices, FLAGS.num_hosts, FLAGS.grad_accum_steps, strict=True))
   sizes = state_sizes(config)
   measured = [measure_temp(config, int(m)) for m in FLAGS.measure_micro_batches]

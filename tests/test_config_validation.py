@@ -52,7 +52,8 @@ CASES = [
     (["--config.learning_rate=nan"], "learning_rate"),
     (["--config.learning_rate=inf"], "learning_rate"),
     (["--config.num_train_steps=-1"], "num_epochs"),  # And num_epochs is -1: no length.
-    (["--config.num_train_steps=0", "--config.num_epochs=0"], "num_epochs"),
+    (["--config.num_train_steps=0", "--config.num_epochs=0"], "num_train_steps"),
+    (["--config.num_train_steps=-5"], "num_train_steps"),  # Not a silent "use num_epochs".
     # 0.01 epochs of 8 steps rounds to 0 steps.
     (["--config.num_train_steps=-1", "--config.num_epochs=0.01"], "num_epochs"),
     (["--config.keep_checkpoints=0"], "keep_checkpoints"),
@@ -113,8 +114,8 @@ def test_bad_field_fails_fast_with_its_name(tmp_path, flags, field):
 
 
 # One bad value per FIELD_RULES entry, checked in-process (milliseconds each). Values of the right
-# type break the field's own check; bool fields and num_train_steps only have a type to check,
-# so they get a value of the wrong type (which a config file, unlike a flag, can hold).
+# type break the field's own check; bool fields only have a type to check, so they get a value
+# of the wrong type (which a config file, unlike a flag, can hold).
 RULE_CASES = {
     "dataset": "mnist",
     "data_dir": "  ",
@@ -152,7 +153,7 @@ RULE_CASES = {
     "grad_accum_steps": 0,
     "batch_size": 0,
     "num_epochs": math.inf,
-    "num_train_steps": 12.5,
+    "num_train_steps": 0,
     "optimizer": "adam",
     "learning_rate": 0.0,
     "warmup_epochs": -1.0,

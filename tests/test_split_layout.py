@@ -346,10 +346,9 @@ def test_two_processes_match_one_process(tmp_path):
   two_results = rel._results(two)  # pylint: disable=protected-access
   assert one_results["config"]["task_layout"] == two_results["config"]["task_layout"] == "split"
   assert two_results["final_step"] == 12
-  # Not adv_top1 / robust_top1: without an 'index' in the eval batches (synthetic data), the
-  # eval attacks are keyed by a position that depends on the process count, in either layout
-  # (evaluation.example_indices); test_reliability compares the same two numbers.
-  for key in ("top1", "loss"):
+  # The eval attacks are keyed by each example's 'index' in the split, so the adversarial and
+  # robust accuracies do not depend on the process count either.
+  for key in ("top1", "loss", "adv_top1", "robust_top1"):
     assert abs(two_results["eval"][key] - one_results["eval"][key]) <= 1e-4, key
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                _final_params(str(two), 12), _final_params(str(one), 12))
