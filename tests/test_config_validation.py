@@ -265,17 +265,26 @@ COMMAND_CASES = [
     ("unknown_flag", CONFIG, ["--workdirr=/tmp/x"], "workdirr"),
     ("syntax_error", "SYNTAX", [], "broken.py, line"),
     ("raises", "RAISES", [], "broken.py, line 6"),
+    ("file_unknown_field", "FILE_UNKNOWN_FIELD", [], "learnin_rate"),
+    ("file_wrong_type", "FILE_WRONG_TYPE", [], "broken.py, line 6"),  # ml_collections: no name.
 ]
+# Mistakes inside a config file, as a user editing a copy of configs/cpu_smoke.py makes them.
+FILE_BODIES = {
+    "SYNTAX": "  config = default.get_config(\n  return config\n",
+    "RAISES": "  config = default.get_config()\n  config.nope.x = 1\n",
+    "FILE_UNKNOWN_FIELD": ("  config = default.get_config()\n  config.learnin_rate = 0.1\n"
+                           "  return config\n"),
+    "FILE_WRONG_TYPE": ("  config = default.get_config()\n  config.learning_rate = 'abc'\n"
+                        "  return config\n"),
+}
 
 
 @pytest.mark.parametrize("name,config,flags,text", COMMAND_CASES,
                          ids=[c[0] for c in COMMAND_CASES])
 def test_command_line_and_config_file_mistakes(tmp_path, name, config, flags, text):
   del name
-  if config == "SYNTAX":
-    config = _broken_config(tmp_path, "  config = default.get_config(\n  return config\n")
-  elif config == "RAISES":
-    config = _broken_config(tmp_path, "  config = default.get_config()\n  config.nope.x = 1\n")
+  if config in FILE_BODIES:
+    config = _broken_config(tmp_path, FILE_BODIES[config])
   status, output, seconds = _run_main(tmp_path / "workdir", flags, config=config)
   _assert_user_error(status, output, seconds)
   assert text in output, output[-3000:]
@@ -293,6 +302,15 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   status, output, seconds = _run_main(tmp_path / "file", [])
   _assert_user_error(status, output, seconds)
   assert "is a file, not a folder" in output
+  assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_workdir_that_cannot_be_created_is_refused(tmp_path):
+  # Below a file: mkdir fails for root too (a read-only folder would not stop root).
+  (tmp_path / "file").write_text("not a folder")
+  status, output, seconds = _run_main(tmp_path / "file" / "run", [])
+  _assert_user_error(status, output, seconds)
+  assert "cannot be written" in output and "pass a folder you can write to" in output
   assert (tmp_path / "file").read_text() == "not a folder"
 
 
