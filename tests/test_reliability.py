@@ -282,6 +282,40 @@ def test_two_process_run_resumes_with_one_process(single_run, two_process_run, t
   assert _steps(workdir) == list(range(2, 13, 2)) and _steps(workdir, "eval") == [6, 12]
 
 
+def _write_fashion_idx(folder: pathlib.Path) -> pathlib.Path:
+  """A small Fashion-MNIST as its four IDX files (128 train, 40 test examples)."""
+  from conadv_jax import fashion_mnist  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  folder.mkdir(parents=True)
+  for split, count in (("train", 128), ("test", 40)):
+    images_name, labels_name = fashion_mnist.IDX_FILES[split]
+    fashion_mnist.write_idx(folder / images_name,
+                            rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+    fashion_mnist.write_idx(folder / labels_name, (np.arange(count) % 10).astype(np.uint8))
+  return folder
+
+
+def test_two_processes_prepare_a_tfds_dataset_once_and_match_one_process(tmp_path):
+  """Fashion-MNIST from IDX files in an unprepared data_dir that both processes share: process 0
+  converts it while process 1 waits at the real barrier, and with TFDS data as with synthetic
+  data the global batches, so the results, do not depend on the process count."""
+  flags = ["--config.dataset=fashion_mnist", "--config.image_size=0",
+           "--config.num_train_steps=6", "--config.eval_every_steps=6",
+           "--config.sharpness_num_examples=0"]
+  two = _start_two_processes(tmp_path, tmp_path / "two",
+                             f"--config.data_dir={_write_fashion_idx(tmp_path / 'data_two')}",
+                             *flags)
+  assert _wait(two) == [0, 0], "\n".join(p.output[-5000:] for p in two)
+  preparing = [p.output.count("Preparing fashion_mnist_idx") for p in two]
+  assert preparing == [1, 0], preparing
+  _run(tmp_path / "one.log", tmp_path / "one",
+       f"--config.data_dir={_write_fashion_idx(tmp_path / 'data_one')}", *flags)
+  one, two_results = _results(tmp_path / "one"), _results(tmp_path / "two")
+  assert one["eval"]["num_examples"] == two_results["eval"]["num_examples"] == 40
+  for key in ("loss", "top1", "adv_top1", "robust_top1"):
+    assert abs(two_results["eval"][key] - one["eval"][key]) <= 1e-4, (key, one, two_results)
+
+
 def test_resume_on_half_the_devices_with_twice_the_accumulation(single_run, tmp_path):
   """A job preempted on 4 devices continues on 2 with grad_accum_steps=2: the same global
   batches and the same BN groups (8 rows), so it ends where the 4-device run ends, up to float
