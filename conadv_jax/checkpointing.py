@@ -70,10 +70,21 @@ def _chain(error: BaseException) -> list[BaseException]:
   return chain
 
 
+def _says_nothing_about_the_files(error: BaseException) -> bool:
+  """Memory, or an I/O error other than "not there" (permissions, a full disk, the network)."""
+  return (isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
+          or (isinstance(error, OSError)
+              and not isinstance(error, (FileNotFoundError, NotADirectoryError))))
+
+
 def is_damage(error: BaseException) -> bool:
-  """True if `error` says the checkpoint's files are missing, truncated or corrupt."""
+  """True if `error` says the checkpoint's files are missing, truncated or corrupt.
+
+  When in doubt it says no: anything in the chain that is not about the files themselves (even
+  one raised while handling a missing file) makes the run stop rather than move a checkpoint.
+  """
   chain = _chain(error)
-  if any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) for e in chain):
+  if any(_says_nothing_about_the_files(e) for e in chain):
     return False
   return any(
       isinstance(e, (_Damaged, FileNotFoundError, NotADirectoryError, json.JSONDecodeError,
@@ -222,6 +233,13 @@ class Checkpointer:
       return None
     steps = sorted((int(p.name) for p in epath.Path(self.directory).iterdir()
                     if p.name.isdigit()), reverse=True)
+    # On object stores orbax writes into the step folder and commits with a marker file last: a
+    # save killed midway leaves a numbered folder that never was a checkpoint. (Locally the
+    # folder only gets its number once complete.) Every process sees the same files.
+    for step in [s for s in steps if not ocp.path.step.is_checkpoint_finalized(
+        epath.Path(self.directory) / str(s))]:
+      self._move_aside(step, "an unfinished save (no commit marker)")
+      steps.remove(step)
     me = jax.process_index()
     # Reads without orbax's cross-process barriers: a process failing alone would leave the
     # others waiting in one. The processes agree on each step's outcome below instead.
@@ -327,13 +345,13 @@ class Checkpointer:
         + "; ".join(lines) + ". Resume with the original config, or start this one in a new "
         "--workdir. Nothing was changed in the workdir.")
 
-  def _move_aside(self, step: int) -> None:
+  def _move_aside(self, step: int, what: str = "the damaged checkpoint") -> None:
     """Moves a damaged step out of orbax's sight (kept for inspection, never deleted)."""
     if jax.process_index() == 0:
       target = epath.Path(self.workdir) / DAMAGED_DIR / f"{step}.{int(time.time())}"
       target.parent.mkdir(parents=True, exist_ok=True)
       (epath.Path(self.directory) / str(step)).rename(target)
-      logging.warning("Moved the damaged checkpoint at step %d aside to %s.", step, target)
+      logging.warning("Moved %s at step %d aside to %s.", what, step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
 

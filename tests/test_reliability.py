@@ -72,6 +72,18 @@ if _ERROR:
 '''
 
 
+# Makes orbax see the step folder CONADV_TEST_UNFINISHED as a save that never committed, as a
+# save killed midway leaves it on an object store (no commit_success.txt).
+_UNFINISHED_SAVE = '''
+import os
+_STEP = os.environ.get("CONADV_TEST_UNFINISHED")
+if _STEP:
+  import orbax.checkpoint as ocp
+  _finalized = ocp.path.step.is_checkpoint_finalized
+  ocp.path.step.is_checkpoint_finalized = (
+      lambda path, *a, **k: os.path.basename(str(path)) != _STEP and _finalized(path, *a, **k))
+'''
+
 
 class _Main:
   """One `python main.py` process; its output goes to a file (an unread pipe would block it)."""
@@ -492,6 +504,17 @@ def _unchanged_workdir(workdir: pathlib.Path):
           (workdir / "metrics.jsonl").read_text())
 
 
+def _raised_while_handling(first: BaseException, second: BaseException) -> BaseException:
+  """`second`, raised in an `except` block handling `first` (so first is its __context__)."""
+  try:
+    try:
+      raise first
+    except type(first):
+      raise second  # pylint: disable=raise-missing-from
+  except type(second) as e:
+    return e
+
+
 def test_only_damaged_files_count_as_damage():
   """The classification behind the next tests; real orbax/tensorstore errors of damaged files
   are raised in test_damaged_newest_checkpoint_falls_back_and_finishes and the zeroed-chunk
@@ -511,14 +534,16 @@ def test_only_damaged_files_count_as_damage():
            wrapped(RuntimeError("RESOURCE_EXHAUSTED: Out of memory")),
            wrapped(ValueError("UNAVAILABLE: connection reset")),
            ValueError("DEADLINE_EXCEEDED: GCS read"), PermissionError(13, "Permission denied"),
-           ValueError("INVALID_ARGUMENT: sharding"), KeyError("state"), TypeError("new orbax")]
+           ValueError("INVALID_ARGUMENT: sharding"), KeyError("state"), TypeError("new orbax"),
+           _raised_while_handling(FileNotFoundError(2, "No such file"),
+                                  PermissionError(13, "Permission denied")),
+           OSError(28, "No space left on device")]
   assert [checkpointing.is_damage(e) for e in damage] == [True] * len(damage)
   assert [checkpointing.is_damage(e) for e in other] == [False] * len(other)
 
 
 @pytest.mark.parametrize("error, shown", [
-    ("memory", "MemoryError: out of host memory"),
-    ("device", "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate"),
+    ("memory", "MemoryError: out of host memory"),  # Other kinds: the classification test above.
 ])
 def test_a_restore_error_that_is_not_damage_stops_and_keeps_every_checkpoint(
     single_run, tmp_path, error, shown):
@@ -536,6 +561,22 @@ def test_a_restore_error_that_is_not_damage_stops_and_keeps_every_checkpoint(
   assert "Traceback" not in process.output
   assert _unchanged_workdir(workdir) == before  # Every checkpoint in place, nothing rewritten.
   assert not (workdir / "checkpoints_damaged").exists()
+
+
+def test_an_unfinished_save_is_moved_aside_and_the_run_resumes_before_it(single_run, tmp_path):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(single_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")  # As if killed while saving step 12 to gs://:
+  shutil.copytree(workdir / "checkpoints" / "8", workdir / "checkpoints" / "12")  # has files.
+  (workdir / "results.json").unlink()
+  (tmp_path / "sitecustomize.py").write_text(_UNFINISHED_SAVE)
+  process = _Main(tmp_path / "main.log", workdir, CONADV_TEST_UNFINISHED="12",
+                  PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+  assert _wait([process]) == [0], process.output[-5000:]
+  assert "Moved an unfinished save (no commit marker) at step 12 aside" in process.output
+  assert "resuming from step 8 " in process.output
+  assert [p.name.split(".")[0] for p in (workdir / "checkpoints_damaged").iterdir()] == ["12"]
+  assert _results(workdir)["final_step"] == 12
 
 
 def test_no_checkpoint_restores_is_refused_and_nothing_is_moved(single_run, tmp_path):
