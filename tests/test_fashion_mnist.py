@@ -107,11 +107,18 @@ def test_builds_from_idx_files_in_data_dir_once(tmp_path, offline):
   assert _examples(again, "test") == _examples(builder, "test")
 
 
-def test_falls_back_to_debian_folder(tmp_path, offline, monkeypatch):
+@pytest.fixture
+def debian_idx_dir(tmp_path, offline, monkeypatch) -> pathlib.Path:
+  """IDX files where Debian's dataset-fashion-mnist puts them (a folder of this test's)."""
   del offline
   idx_dir = tmp_path / "debian"
   _write_fashion_idx(idx_dir)
   monkeypatch.setattr(fashion_mnist, "DEBIAN_IDX_DIR", str(idx_dir))
+  return idx_dir
+
+
+def test_falls_back_to_debian_folder(tmp_path, debian_idx_dir):
+  del debian_idx_dir
   data_dir = tmp_path / "tfds"
   builder = fashion_mnist.get_builder(str(data_dir))
   assert builder.info.splits["train"].num_examples == NUM_TRAIN
@@ -158,12 +165,8 @@ def test_corrupt_file_in_data_dir_says_to_replace_it(tmp_path, offline):
   assert f"remove the IDX files from {data_dir}" in message
 
 
-def test_corrupt_file_in_debian_folder_says_to_reinstall(tmp_path, offline, monkeypatch):
-  del offline
-  idx_dir = tmp_path / "debian"
-  _write_fashion_idx(idx_dir)
-  monkeypatch.setattr(fashion_mnist, "DEBIAN_IDX_DIR", str(idx_dir))
-  images = idx_dir / "t10k-images-idx3-ubyte.gz"
+def test_corrupt_file_in_debian_folder_says_to_reinstall(tmp_path, debian_idx_dir):
+  images = debian_idx_dir / "t10k-images-idx3-ubyte.gz"
   fashion_mnist.write_idx(images, np.zeros([NUM_TEST, 28, 27], np.uint8))
   with pytest.raises(fashion_mnist.IdxFormatError) as error:
     fashion_mnist.get_builder(str(tmp_path / "tfds"))

@@ -328,6 +328,17 @@ def test_two_processes_prepare_a_tfds_dataset_once_and_match_one_process(tmp_pat
     assert abs(two_results["eval"][key] - one["eval"][key]) <= 1e-4, (key, one, two_results)
 
 
+def test_the_adversarial_evals_do_not_depend_on_eval_batch_size(single_run, tmp_path):
+  """Through main.py: 64 eval examples as 4 batches of 16 instead of 24 + 24 + 16 (padded). The
+  attacks' randomness is keyed by each example's index, not its place in a batch."""
+  workdir = tmp_path / "workdir"
+  _run(tmp_path / "main.log", workdir, "--config.eval_batch_size=16")
+  one, other = _results(single_run)["eval"], _results(workdir)["eval"]
+  assert other["num_examples"] == one["num_examples"] == 64
+  for key in ("loss", "top1", "adv_top1", "robust_top1"):
+    assert abs(other[key] - one[key]) <= 1e-5, (key, one, other)
+
+
 def test_resume_on_half_the_devices_with_twice_the_accumulation(single_run, tmp_path):
   """A job preempted on 4 devices continues on 2 with grad_accum_steps=2: the same global
   batches and the same BN groups (8 rows), so it ends where the 4-device run ends, up to float
