@@ -6,10 +6,11 @@ a run holds `run.lock` until it exits.
 * Local (and other POSIX) filesystems: the run holds a kernel lock (`flock`) on `run.lock` for its
   lifetime. The kernel releases it however the process ends (SIGKILL, out of memory, a container
   restart), so a dead run's lock is taken over at once and a live run's lock never is: no pid or
-  age is guessed. The file also names its owner (host, pid, start time, heartbeat), for the
-  message that refuses a second run. Every version of the file is written in full and locked
-  before it is linked or renamed into place, so a reader never sees it empty or half-written,
-  and whoever holds the kernel lock on the file at `run.lock` owns the workdir.
+  age is guessed. The file also names its owner (host, pid, start time), for the message that
+  refuses a second run. It is written in full and locked before it is linked or renamed into
+  place, so a reader never sees it empty or half-written, and whoever holds the kernel lock on
+  the file at `run.lock` owns the workdir. It is written once: a heartbeat only checks that the
+  file at `run.lock` is still the one this run holds.
 * Object stores (`gs://...`, no kernel locks): a lease. The owner rewrites its heartbeat (at
   every log step and from a background thread); a lock whose heartbeat is older than
   `stale_after_s` (or whose pid is gone, when the owner ran on this very host and pid
@@ -17,8 +18,8 @@ a run holds `run.lock` until it exits.
   pause, so of two runs that take a lock at once the one whose write was overwritten gives up;
   a heartbeat or a release first checks that the lock is still this run's.
 """
-import errno
 import json
+import math
 import os
 import socket
 import threading
@@ -45,6 +46,10 @@ UNREADABLE_GRACE_S = 60
 # Lease only: how long a run waits after writing the lock before reading it back to see whether
 # another run's write replaced its own.
 SETTLE_S = 2.0
+# Lease only: a heartbeat further in the future than this is malformed, not fresh.
+MAX_CLOCK_SKEW_S = 60
+# Lease only: how long a release waits for the heartbeat thread's write in progress.
+RELEASE_WAIT_S = 60
 
 
 class WorkdirError(errors.UserError):
@@ -123,24 +128,23 @@ def _read_text(path: epath.Path) -> str:
   return epath.Path(path).read_text()
 
 
-def _parse_owner(text: str) -> dict[str, Any]:
-  """The owner named by a lock's text; {} for anything that is not a well-formed lock."""
+def _parse_owner(text: str, lease: bool) -> dict[str, Any]:
+  """The owner named by a lock's text; {} for anything that is not a well-formed lock.
+
+  A lease also needs a heartbeat that can go stale: finite, and not in the future beyond clock
+  skew (a NaN or future heartbeat would keep the workdir locked forever).
+  """
   try:
     owner = json.loads(text)
   except ValueError:
     return {}
-  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  time_ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
   if (not isinstance(owner, dict) or not isinstance(owner.get("host"), str)
-      or not isinstance(owner.get("pid"), int) or isinstance(owner.get("pid"), bool)
-      or not number(owner.get("started")) or not number(owner.get("heartbeat"))):
+      or type(owner.get("pid")) is not int or not time_ok(owner.get("started"))
+      or lease and not (time_ok(owner.get("heartbeat"))
+                        and owner["heartbeat"] <= time.time() + MAX_CLOCK_SKEW_S)):
     return {}
   return owner
-
-
-def _describe(owner: dict[str, Any]) -> str:
-  now = time.time()
-  return (f"pid {owner['pid']} on host {owner['host']}, started {now - owner['started']:.0f} s "
-          f"ago, last heartbeat {now - owner['heartbeat']:.0f} s ago")
 
 
 def _process_start(pid: int | str) -> int | None:
@@ -196,10 +200,26 @@ class RunLock:
     self.release()
 
   def _text(self) -> str:
-    return json.dumps({**self._info, "heartbeat": time.time()})
+    return json.dumps({**self._info, "heartbeat": time.time()} if self._lease else self._info)
 
   def _is_ours(self, owner: dict[str, Any] | None) -> bool:
     return bool(owner) and all(owner.get(k) == self._info[k] for k in ("host", "pid", "started"))
+
+  def _read_owner(self, fd: int | None = None) -> dict[str, Any] | None:
+    """The owner named by `run.lock` (or the open file `fd`); None if gone, {} if unreadable."""
+    try:
+      text = _read_text(self.path) if fd is None else os.pread(fd, 1 << 16, 0).decode()
+    except FileNotFoundError:
+      return None
+    except Exception:  # pylint: disable=broad-except  # A folder, bad bytes, a storage error.
+      return {}
+    return _parse_owner(text, lease=self._lease)
+
+  def _describe(self, owner: dict[str, Any]) -> str:
+    now = time.time()
+    return (f"pid {owner['pid']} on host {owner['host']}, started {now - owner['started']:.0f} s "
+            "ago" + (f", last heartbeat {now - owner['heartbeat']:.0f} s ago" if self._lease
+                     else ""))
 
   def _refuse(self, holder: str) -> WorkdirError:
     return WorkdirError(
@@ -216,6 +236,13 @@ class RunLock:
         logging.warning("%s cannot be locked by the kernel (%s); using a heartbeat lease "
                         "instead (see docs/reliability.md, Limits).", self.path, e)
         self._lease = True
+      except OSError as e:  # A folder, a symbolic link, another user's file, a failed rename.
+        why = ("it is a symbolic link" if os.path.islink(self.path) else
+               f"{type(e).__name__}: {e}")
+        raise WorkdirError(
+            f"Could not take the lock {self.path} ({why}). If it is not a plain file that this "
+            "user can write (e.g. a folder or a symbolic link) and no run uses the workdir, "
+            "delete it and run again.") from e
     self._acquire_lease()
 
   # Local filesystems: a kernel lock.
@@ -249,62 +276,48 @@ class RunLock:
     mine = os.fstat(fd)
     return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
-  def _read_owner_local(self) -> dict[str, Any] | None:
-    try:
-      return _parse_owner(_read_text(self.path))
-    except FileNotFoundError:
-      return None
-    except (OSError, UnicodeDecodeError):
-      return {}
-
   def _acquire_kernel_lock(self) -> None:
     for _ in range(10):
       fd, tmp = self._locked_temporary()
       old = None
       try:
+        create = 0
         try:
           os.link(tmp, self.path)  # Atomic, and fails if `run.lock` exists.
+        except FileExistsError:
+          pass
+        except OSError:  # A filesystem without hard links: whoever locks the file owns it.
+          create = os.O_CREAT
+        # Checked by inode, not by opening `run.lock`: NFS may answer EEXIST to a resent link
+        # that succeeded, and there locks belong to the process, so opening and closing our own
+        # file would drop our lock.
+        if self._at_path(fd):
           self._fd, fd = fd, None  # Ours from its first moment, and never seen empty.
           self._held = True
           return
-        except FileExistsError:
-          create = 0
-        except OSError:  # A filesystem without hard links: whoever locks the file owns it.
-          create = os.O_CREAT
-        try:
-          old = os.open(self.path, os.O_RDWR | create, 0o644)
+        try:  # Not through a symbolic link: a broken one would be created, or seem to vanish.
+          old = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | create, 0o644)
         except FileNotFoundError:
           continue  # Released in between: try again.
         try:
           fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # A live process holds it.
-          owner = self._read_owner_local()
+          owner = self._read_owner()
           if owner is None:
             continue  # Released in between.
-          if self._is_ours(owner) and self._at_path(fd):
-            # The link was made although it said EEXIST (a retransmitted NFS request).
-            self._fd, fd = fd, None
-            self._held = True
-            return
-          raise self._refuse(_describe(owner) if owner else
+          raise self._refuse(self._describe(owner) if owner else
                              "a live process holds its lock; the file does not say which")
-        except OSError as e:
-          raise WorkdirError(f"Could not lock {self.path} ({type(e).__name__}: {e}); check the "
-                             "filesystem, or delete the file if no run uses the workdir.") from e
         if not self._at_path(old):
           continue  # Its holder released it (removed it) in between: try again.
         # We hold the kernel lock on the file at `run.lock`: whoever wrote it is gone.
-        try:
-          previous = _parse_owner(os.pread(old, 1 << 16, 0).decode())
-        except (OSError, UnicodeDecodeError):
-          previous = {}
+        previous = self._read_owner(old)
         os.replace(tmp, self.path)  # Our file, already locked, takes its place.
         tmp = None
         self._fd, fd = fd, None
         self._held = True
         logging.warning(
             "Taking over the stale lock %s (%s); no process holds it any more.", self.path,
-            f"left by {_describe(previous)}" if previous else "its contents cannot be read")
+            f"left by {self._describe(previous)}" if previous else "its contents cannot be read")
         return
       finally:
         if old is not None:
@@ -315,46 +328,29 @@ class RunLock:
           _unlink_quietly(tmp)
     raise WorkdirError(f"Could not take the lock {self.path}; it keeps changing hands.")
 
-  def _heartbeat_local(self) -> None:
+  def _check_local(self) -> None:
     if not self._at_path(self._fd):
       self._held = False
-      os.close(self._fd)
-      self._fd = None
-      owner = self._read_owner_local()
+      fd, self._fd = self._fd, None
+      os.close(fd)
+      owner = self._read_owner()
       raise WorkdirError(
           f"{self.path} was removed or replaced while this run held it"
-          + (f" (it now names {_describe(owner)})" if owner else "") + "; this run stops so "
-          "that two runs do not mix their checkpoints in one workdir. Never delete the lock of "
-          "a live run.")
-    fd, tmp = self._locked_temporary()
-    try:
-      os.replace(tmp, self.path)
-    except BaseException:
-      os.close(fd)
-      _unlink_quietly(tmp)
-      raise
-    os.close(self._fd)
-    self._fd = fd
+          + (f" (it now names {self._describe(owner)})" if owner else "") + "; this run stops "
+          "so that two runs do not mix their checkpoints in one workdir. Never delete the lock "
+          "of a live run.")
 
   def _release_local(self) -> None:
+    fd, self._fd = self._fd, None
     try:
-      if self._at_path(self._fd):  # Removed while still held: a contender sees it is gone.
+      if self._at_path(fd):  # Removed while still held: a contender sees it is gone.
         self.path.unlink(missing_ok=True)
       else:
         logging.warning("%s is no longer this run's lock; left in place.", self.path)
     finally:
-      os.close(self._fd)
-      self._fd = None
+      os.close(fd)
 
   # Object stores: a lease.
-
-  def _read_owner_lease(self) -> dict[str, Any] | None:
-    try:
-      return _parse_owner(_read_text(self.path))
-    except FileNotFoundError:
-      return None
-    except Exception:  # pylint: disable=broad-except  # Unreadable: judged as damage below.
-      return {}
 
   def _age_of_file(self) -> float:
     try:
@@ -372,7 +368,7 @@ class RunLock:
 
   def _acquire_lease(self) -> None:
     for _ in range(3):
-      owner = self._read_owner_lease()
+      owner = self._read_owner()
       if owner == {}:
         age = self._age_of_file()
         if age <= UNREADABLE_GRACE_S:
@@ -383,11 +379,11 @@ class RunLock:
       elif owner is not None:
         if not (self._owner_is_gone(owner)
                 or time.time() - owner["heartbeat"] > self._stale_after_s):
-          raise self._refuse(_describe(owner))
-        logging.warning("Taking over the stale lock %s of %s.", self.path, _describe(owner))
+          raise self._refuse(self._describe(owner))
+        logging.warning("Taking over the stale lock %s of %s.", self.path, self._describe(owner))
       write_atomically(self.path, self._text())
       time.sleep(SETTLE_S)  # A run that wrote at the same time has overwritten one of us.
-      if self._is_ours(self._read_owner_lease()):
+      if self._is_ours(self._read_owner()):
         self._held = True
         self._thread = threading.Thread(target=self._heartbeat_thread, daemon=True,
                                         name="run.lock heartbeat")
@@ -399,13 +395,13 @@ class RunLock:
     with self._mutex:
       if self._lost:
         raise self._lost
-      owner = self._read_owner_lease()
+      owner = self._read_owner()
       if not self._is_ours(owner):
         self._lost = WorkdirError(
             f"{self.path} was taken over by another run ("
-            + (_describe(owner) if owner else "removed, or cannot be read") + ") while this "
-            "run held it; this run stops so that two runs do not mix their checkpoints in one "
-            f"workdir. If this run's heartbeats were late, raise the lease's stale_after_s "
+            + (self._describe(owner) if owner else "removed, or cannot be read") + ") while "
+            "this run held it; this run stops so that two runs do not mix their checkpoints in "
+            "one workdir. If this run's heartbeats were late, raise the lease's stale_after_s "
             f"({self._stale_after_s:.0f} s).")
         raise self._lost
       write_atomically(self.path, self._text())
@@ -424,24 +420,28 @@ class RunLock:
   def _release_lease(self) -> None:
     self._stop.set()
     if self._thread is not None and self._thread is not threading.current_thread():
-      self._thread.join()
+      self._thread.join(timeout=RELEASE_WAIT_S)
+      if self._thread.is_alive():  # Stuck in a write (a hung storage call): it holds the mutex.
+        logging.warning("%s was not released: its heartbeat thread is stuck. It is stale %.0f s "
+                        "after its last heartbeat.", self.path, self._stale_after_s)
+        return
     with self._mutex:
-      owner = self._read_owner_lease()
+      owner = self._read_owner()
       if self._is_ours(owner):
         self.path.unlink(missing_ok=True)
       elif owner is not None:
         logging.warning("%s is no longer this run's lock (%s); left in place.", self.path,
-                        _describe(owner) if owner else "it cannot be read")
+                        self._describe(owner) if owner else "it cannot be read")
 
   def heartbeat(self) -> None:
-    """Refreshes the heartbeat after checking the lock is still ours (WorkdirError if not)."""
+    """Checks that the lock is still this run's (WorkdirError if not); a lease is refreshed."""
     if not self._held:
       return
     try:
       if self._lease:
         self._heartbeat_lease()
       else:
-        self._heartbeat_local()
+        self._check_local()
     except WorkdirError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # A full disk, a storage hiccup.
