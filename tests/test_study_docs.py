@@ -6,7 +6,6 @@ from the data, or new data without the docs, fails. Reads files only; runs nothi
 """
 import ast
 import csv
-import importlib.util
 import pathlib
 import re
 import statistics
@@ -128,9 +127,9 @@ def test_readme_study_table_is_the_csv_s_mean_and_std(runs):
 
 
 def test_table_md_is_what_plot_py_writes():
-  spec = importlib.util.spec_from_file_location("plot_script", REPO / "scripts" / "plot.py")
-  plot = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(plot)
+  # test_plot's copy of scripts/plot.py: loading it a second time would define its absl flags
+  # twice in one pytest worker.
+  from test_plot import plot  # pylint: disable=g-import-not-at-top
   rows = plot.read_summary(STUDY / "summary.csv")
   assert (STUDY / "table.md").read_text() == plot.table(rows)
 
