@@ -5,6 +5,7 @@ model, the optimizer, the method and the shardings fit together the same way eve
 """
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,14 @@ class Experiment:
       def step(state, batch, batch_index):
         return inner(state, jax.lax.with_sharding_constraint(batch, spread), batch_index)
     return jax.jit(step)
+
+  def batch_bytes_per_device(self) -> int:
+    """Memory of one input batch on each device: uint8 images (and their AutoAugment view)
+    and int32 labels, sharded like the FIFO."""
+    views = 2 if self.method.aug_view else 1
+    rows = self.batch_shape[0]
+    return ((math.prod(self.batch_shape) * views + 4 * rows) //
+            parallel.num_batch_shards(self.mesh))
 
   def fifo_bytes_per_device(self) -> int:
     """Memory of the adversarial FIFO on each device (it is sharded like the batches).

@@ -147,10 +147,16 @@ class _Run:
 
 
 def _check_fifo_memory(exp: experiment.Experiment) -> None:
-  """Refuses a FIFO that cannot fit before anything is compiled or allocated."""
+  """Refuses a staleness whose memory cannot fit, before anything is compiled or allocated.
+
+  What grows with τ on each device: the FIFO (τ adversarial batches) and the τ input batches
+  that `with_lookahead` holds beyond batch t.
+  """
   fifo = exp.fifo_bytes_per_device()
   if not fifo:
     return
+  tau = exp.method.staleness
+  lookahead = tau * exp.batch_bytes_per_device()
   limit = exp.config.fifo_memory_limit_gib * 2**30
   source = f"config.fifo_memory_limit_gib={exp.config.fifo_memory_limit_gib}"
   if not limit:
@@ -158,17 +164,16 @@ def _check_fifo_memory(exp: experiment.Experiment) -> None:
     limit = stats.get("bytes_limit", 0) / 2
     source = "half of the device's memory"
   mib = 2**20
-  logging.info("Adversarial FIFO: %d batches of %s, %.1f MiB per device.", exp.method.staleness,
-               exp.batch_shape, fifo / mib)
-  if limit and fifo > limit:
+  logging.info("Adversarial FIFO: %d batches of %s, %.1f MiB per device, and %.1f MiB of "
+               "look-ahead input batches.", tau, exp.batch_shape, fifo / mib, lookahead / mib)
+  if limit and fifo + lookahead > limit:
     raise config_validation.ConfigError(
-        f"config.staleness={exp.method.staleness} is not allowed: the adversarial FIFO would "
-        f"need {fifo / mib:.3f} MiB per device ({exp.method.staleness} x {exp.batch_shape} "
-        f"uint8 images and their int32 labels over "
-        f"{parallel.num_batch_shards(exp.mesh)} batch shards), more than {limit / mib:.3f} MiB "
-        f"({source}). "
-        "Lower staleness or batch_size, use more devices, or raise "
-        "config.fifo_memory_limit_gib.")
+        f"config.staleness={tau} is not allowed: it needs {(fifo + lookahead) / mib:.3f} MiB "
+        f"per device, more than {limit / mib:.3f} MiB ({source}): the adversarial FIFO "
+        f"({fifo / mib:.3f} MiB: {tau} x {exp.batch_shape} uint8 images and their int32 labels "
+        f"over {parallel.num_batch_shards(exp.mesh)} batch shards) and the {tau} look-ahead "
+        f"input batches ({lookahead / mib:.3f} MiB). Lower staleness or batch_size, use more "
+        "devices, or raise config.fifo_memory_limit_gib.")
 
 
 def _create_or_restore(exp: experiment.Experiment,

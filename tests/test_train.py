@@ -236,3 +236,25 @@ def test_checkpoint_managers_are_closed_at_the_end_and_on_an_error(tmp_path, mon
     train.train_and_evaluate(smoke_config("vanilla", num_train_steps=4, learning_rate=1e30),
                              workdir)
   assert opened and all(any(c is m for c in closed) for m in opened), (opened, closed)
+
+
+@pytest.mark.parametrize("preset", ["conadv2", "conadv_aa"])
+def test_the_memory_check_counts_the_fifo_and_the_look_ahead_batches(preset):
+  """What grows with τ on a device: τ adversarial batches and τ look-ahead input batches (with
+  their AutoAugment view when there is one). A limit between the FIFO alone and both refuses."""
+  config = smoke_config(preset)
+  exp = experiment.build(config, input_pipeline.get_dataset_info(config))
+  tau, shards = exp.method.staleness, exp.mesh.devices.size
+  rows, pixels = exp.batch_shape[0], np.prod(exp.batch_shape[1:])
+  views = 2 if preset == "conadv_aa" else 1
+  fifo = tau * rows * (pixels + 4) // shards  # uint8 images and int32 labels, hand-counted.
+  lookahead = tau * rows * (views * pixels + 4) // shards
+  assert exp.fifo_bytes_per_device() == fifo
+  assert tau * exp.batch_bytes_per_device() == lookahead
+  for limit_bytes, refused in ((fifo + lookahead // 2, True), (fifo + lookahead, False)):
+    exp.config.fifo_memory_limit_gib = limit_bytes / 2**30
+    if refused:
+      with pytest.raises(train.config_validation.ConfigError, match="look-ahead input batches"):
+        train._check_fifo_memory(exp)  # pylint: disable=protected-access
+    else:
+      train._check_fifo_memory(exp)  # pylint: disable=protected-access
