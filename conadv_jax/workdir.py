@@ -57,7 +57,11 @@ class WorkdirError(errors.UserError):
 
 
 def prepare(workdir: str) -> epath.Path:
-  """Creates `workdir` if needed and checks that this process can write there."""
+  """Creates `workdir` if needed and checks that every process can write there."""
+  return errors.stop_together(lambda: _prepare(workdir), "checking --workdir")
+
+
+def _prepare(workdir: str) -> epath.Path:
   if not workdir or not str(workdir).strip():
     raise WorkdirError("--workdir is empty; pass the folder for checkpoints and results, e.g. "
                        "--workdir=/tmp/my_run (rerun the same command to resume).")
@@ -192,8 +196,9 @@ class RunLock:
     self._lost = None  # Lease: a WorkdirError once the lock was found taken over.
 
   def __enter__(self) -> "RunLock":
-    if self._enabled:
-      self._acquire()
+    # The other processes learn whether process 0 got the lock, so a refused run stops whole.
+    errors.stop_together(self._acquire if self._enabled else lambda: None,
+                         f"taking the lock {self.path}")
     return self
 
   def __exit__(self, *exc_info) -> None:

@@ -26,6 +26,7 @@ import tensorstore as ts
 from cpu_env import cpu_env
 
 from conadv_jax import checkpointing
+from conadv_jax import workdir as workdirs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -718,6 +719,20 @@ def test_a_busy_coordinator_port_is_named(tmp_path):
     assert _wait([process], timeout=60) == [2], process.output[-5000:]
   assert f"port {port} on 127.0.0.1 is already in use" in process.output
   assert "Traceback" not in process.output
+
+
+def test_a_refused_lock_stops_every_process_of_the_run_at_once(tmp_path):
+  """Process 0 alone takes the lock; before the others learned of a refusal, all hung >300 s."""
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  with workdirs.RunLock(workdir):  # This test process holds it, as a live earlier run would.
+    processes = _start_two_processes(tmp_path, workdir)
+    assert _wait(processes, timeout=120) == [2, 2], "\n".join(p.output[-3000:] for p in processes)
+  assert "is in use by another run" in processes[0].output
+  assert (f"Process 0 stopped while taking the lock {workdir / 'run.lock'} (its log says why); "
+          "this is process 1") in processes[1].output
+  assert "Traceback" not in processes[0].output + processes[1].output
+  assert sorted(p.name for p in workdir.iterdir()) == []  # Nothing written, and our lock gone.
 
 
 def test_processes_with_different_configs_are_refused_by_field(tmp_path):
