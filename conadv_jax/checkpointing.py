@@ -160,6 +160,7 @@ class Checkpointer:
     self._every = every
     self._keep = keep
     self._manager = None  # Opened after the restore pass, so damaged entries do not count.
+    self._unchecked_save = False  # A save was started and its outcome not yet collected.
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -188,14 +189,26 @@ class Checkpointer:
     if step in manager.all_steps():
       return False
     with self._save_errors():
-      return manager.save(step, args=ocp.args.Composite(
+      started = manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+    self._unchecked_save |= started
+    return started
 
   def check_for_errors(self) -> None:
-    """Raises CheckpointSaveError if a finished asynchronous save failed (cheap, host only)."""
-    if self._manager is not None:
-      with self._save_errors():
-        self._manager.check_for_errors()
+    """Raises CheckpointSaveError once an asynchronous save has failed (cheap, host only).
+
+    orbax's check_for_errors sees only the writers' errors; a failure in its finalize thread (a
+    full disk while committing, say) is raised only by wait_until_finished, which orbax calls at
+    the next save. So once a save is no longer in progress, its thread is joined here (at once:
+    it has ended) to collect the outcome at the first step after it is known.
+    """
+    if self._manager is None:
+      return
+    with self._save_errors():
+      self._manager.check_for_errors()
+      if self._unchecked_save and not self._manager.is_saving_in_progress():
+        self._unchecked_save = False
+        self._manager.wait_until_finished()
 
   @contextlib.contextmanager
   def _save_errors(self):
@@ -205,14 +218,14 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(
           f"Saving a checkpoint in {self.directory} failed ({type(e).__name__}: "
-          f"{str(e)[:300]}). The run stopped; the last good checkpoint is step "
-          f"{self._last_good_step()}. Free disk space or fix the storage, then run the same "
-          "command to resume.") from e
+          f"{str(e)[:300]}). The run stopped; {self._last_good()}. Free disk space or fix the "
+          "storage, then run the same command to resume.") from e
 
-  def _last_good_step(self) -> int | None:
+  def _last_good(self) -> str:
     steps = [int(p.name) for p in epath.Path(self.directory).iterdir()
              if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()]
-    return max(steps, default=None)
+    return (f"the last good checkpoint is step {max(steps)}" if steps else
+            "no checkpoint was saved before it, so a resume starts from step 0")
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any got a preemption notice (needs jax.distributed)."""

@@ -649,12 +649,19 @@ def test_one_run_per_workdir_and_a_dead_run_s_lock_is_taken_over(tmp_path):
   assert not (workdir / "run.lock").exists()
 
 
-def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(single_run, tmp_path):
-  """A file-size limit makes the checkpoint's data file fail to write, as a full disk would."""
+@pytest.mark.parametrize("resumed", [True, False], ids=["resumed", "fresh"])
+def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(
+    single_run, tmp_path, resumed):
+  """A file-size limit makes the checkpoint's data file fail to write, as a full disk would.
+
+  Saves every 12 steps: the save at step 12 fails, and the run must stop before the next save
+  at 24 (orbax alone reports the failure only there).
+  """
   workdir = tmp_path / "workdir"
-  shutil.copytree(single_run, workdir)
-  shutil.rmtree(workdir / "checkpoints" / "12")
-  (workdir / "results.json").unlink()
+  if resumed:
+    shutil.copytree(single_run, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "12")
+    (workdir / "results.json").unlink()
   log = tmp_path / "main.log"
   # The limit is set in the child itself (a preexec_fn would fork this multithreaded process).
   limited = ("import os, resource, sys; "
@@ -663,17 +670,21 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(single_r
   with open(log, "w") as f:
     status = subprocess.run(
         [sys.executable, "-c", limited, str(REPO / "main.py"), CONFIG, f"--workdir={workdir}",
-         "--config.num_train_steps=24"], cwd=REPO, env=cpu_env(4), stdout=f,
+         "--config.num_train_steps=48", "--config.checkpoint_every_steps=12",
+         "--config.log_every_steps=1"], cwd=REPO, env=cpu_env(4), stdout=f,
         stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, check=False).returncode
   output = log.read_text()
   assert status == 2, output[-5000:]
-  assert "error: Saving a checkpoint in" in output and "the last good checkpoint is step" in output
+  assert "error: Saving a checkpoint in" in output, output[-5000:]
+  assert ("the last good checkpoint is step 8" if resumed else
+          "no checkpoint was saved before it, so a resume starts from step 0") in output
   assert "Traceback" not in output
-  assert max(_steps(workdir)) < 24  # Stopped, not trained to the end.
+  assert 12 < max(_steps(workdir)) < 24, _steps(workdir)  # Stopped soon after the failed save.
   manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "record"))
-  assert 8 in manager.all_steps()
-  state = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-  assert int(state["step"]) == 8
+  assert manager.all_steps() == ([4, 8] if resumed else [])
+  if resumed:
+    state = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    assert int(state["step"]) == 8
 
 
 def test_fifo_fill_is_logged_and_a_run_records_its_config_and_a_trace(tmp_path):
