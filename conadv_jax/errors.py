@@ -30,7 +30,7 @@ def stop_together(work: Callable[[], T], what: str) -> T:
   failure, result = None, None
   try:
     result = work()
-  except BaseException as e:  # pylint: disable=broad-except  # Re-raised below, after the others know.
+  except BaseException as e:  # pylint: disable=broad-except  # Re-raised once the others know.
     failure = e
   failed = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None)))
   if failure is not None:

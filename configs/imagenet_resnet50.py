@@ -45,10 +45,12 @@ PIL where the reference's TF ops differ (Contrast, Sharpness, shears). docs/opti
 them per row of the table.
 
 With 8 accelerators, gradient accumulation keeps the 96K recipe's batch and BN groups:
-`--config.grad_accum_steps=128` (96 examples per device per micro-batch). Whether that fits in a
-device's memory is not measured: docs/performance.md ("Memory and checkpoint size at pod
-scale") gives an XLA:CPU upper bound of 84.5 GB per device, the estimate behind a fit on 80 GB,
-the settings that fit even by the bound, and how to measure on the target device.
+`--config.grad_accum_steps=128` (96 examples per device per micro-batch). XLA:GPU's buffer
+assignment (compiled on an H200 at micro-batches of 4 and 8, extrapolated linearly to 96)
+projects 32.9 GB per device on 8 devices and 16.4 GB on 1,024; no such run has been trained.
+docs/performance.md ("Memory and checkpoint size at pod scale") gives the commands, the scaling
+rule, XLA:CPU's upper bound (84.5 GB), the settings that fit even by that bound, and how to
+measure on the target device.
 
 A shrunken copy runs on one CPU device (synthetic data, 32-pixel images, a few steps;
 tests/test_main.py runs these). With more devices the batch of 16 is spread too thin for BN

@@ -297,6 +297,11 @@ def test_empty_workdir_is_refused(tmp_path):
   assert "--workdir is empty" in output
 
 
+def _written(workdir: pathlib.Path) -> set[str]:
+  """What a refused run left in its workdir besides the (released) lock: should be nothing."""
+  return {p.name for p in workdir.iterdir()} - {"run.lock"} if workdir.exists() else set()
+
+
 def test_workdir_that_is_a_file_is_refused(tmp_path):
   (tmp_path / "file").write_text("not a folder")
   status, output, seconds = _run_main(tmp_path / "file", [])
@@ -321,6 +326,7 @@ def test_data_dir_that_is_a_file_is_refused(tmp_path):
       config=f"--config={REPO / 'configs' / 'fashion_mnist.py'}:conadv")
   _assert_user_error(status, output, seconds)
   assert str(tmp_path / "data") in output
+  assert _written(tmp_path / "workdir") == set()
 
 
 def test_corrupt_idx_file_is_named_with_the_fix(tmp_path):
@@ -340,3 +346,6 @@ def test_corrupt_idx_file_is_named_with_the_fix(tmp_path):
       config=f"--config={REPO / 'configs' / 'fashion_mnist.py'}:conadv")
   _assert_user_error(status, output, seconds)
   assert str(victim) in output, output[-3000:]
+  assert (f"To fix it, replace {victim} with an intact copy" in output and
+          f"or remove the IDX files from {data}" in output), output[-3000:]
+  assert _written(tmp_path / "workdir") == set()

@@ -1,7 +1,8 @@
 """Shrunken copies of the paper's ImageNet presets run through main.py on a CPU.
 
-Only overrides (the ones in configs/imagenet_resnet50.py's docstring): synthetic data, 32-pixel
-images, a batch of 16 with BN groups of 4, 3 steps. Everything else is the preset's: ResNet-50
+Only overrides (the ones in configs/imagenet_resnet50.py's docstring, plus a checkpoint every 2
+steps so that a save runs too): synthetic data, 32-pixel images, a batch of 16 with BN groups of
+4, 3 steps. Everything else is the preset's: ResNet-50
 with the reference init, three branches (AutoAugment view), losses averaged, the ε = 4 attack
 with one coin per batch, LARS. With and without gradient accumulation.
 """
