@@ -23,12 +23,19 @@ import pytest
 
 from conadv_jax import workdir
 
-WRITES = 3000
+MIN_WRITES, MAX_WRITES = 100, 3000
+RACE_BUDGET_S = 15  # Writes fsync: on a slow shared disk 3,000 of them took 9 minutes.
+RACE_LIMIT_S = 120  # How long to go on writing while the reader has parsed nothing.
 
 
 def _race(path, write, parse):
-  """Runs `write(i)` WRITES times while another thread parses `path`; returns what it saw."""
-  seen = {"parsed": 0, "missing": 0, "bad": []}
+  """Runs `write(i)` while another thread parses `path`; returns what it saw.
+
+  MAX_WRITES writes, or fewer once RACE_BUDGET_S has passed, but never fewer than MIN_WRITES and
+  never stopping (before RACE_LIMIT_S) until the reader has parsed something: on a loaded
+  machine it may otherwise never run while the file exists. seen["writes"] counts the writes.
+  """
+  seen = {"parsed": 0, "missing": 0, "bad": [], "writes": 0}
   done = threading.Event()
 
   def read():
@@ -44,11 +51,18 @@ def _race(path, write, parse):
       except ValueError:
         seen["bad"].append(text[:80])
 
+  def go_on(elapsed: float) -> bool:
+    if seen["writes"] < MIN_WRITES or (not seen["parsed"] and elapsed < RACE_LIMIT_S):
+      return True
+    return seen["writes"] < MAX_WRITES and elapsed < RACE_BUDGET_S
+
   reader = threading.Thread(target=read)
   reader.start()
+  start = time.monotonic()
   try:
-    for i in range(WRITES):
-      write(i)
+    while go_on(time.monotonic() - start):
+      write(seen["writes"])
+      seen["writes"] += 1
   finally:
     done.set()
     reader.join()
@@ -75,7 +89,7 @@ def test_a_local_heartbeat_only_checks_the_lock(tmp_path):
 def test_a_new_lock_is_never_seen_empty(tmp_path):
   def take_and_release(i):
     with workdir.RunLock(tmp_path):
-      pass
+      time.sleep(0)  # Lets the reader thread run while the lock exists.
 
   seen = _race(tmp_path / workdir.LOCK_NAME, take_and_release, _lock_owner)
   assert not seen["bad"], f"{len(seen['bad'])} torn reads, e.g. {seen['bad'][:3]}"
@@ -95,7 +109,8 @@ def test_write_atomically_shows_the_old_or_the_new_text(tmp_path):
   seen = _race(path, lambda i: workdir.write_atomically(path, "".join(lines[:100 * (1 + i % 2)])),
                whole)
   assert not seen["bad"], f"{len(seen['bad'])} torn reads, e.g. {seen['bad'][:3]}"
-  assert path.read_text() == "".join(lines[:200])  # The last write (i = WRITES - 1) is odd.
+  last = seen["writes"] - 1
+  assert path.read_text() == "".join(lines[:100 * (1 + last % 2)])  # The last write's text.
   assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
