@@ -159,21 +159,27 @@ def real_rows_adversarial(attack, state, batches) -> np.ndarray:
   return np.concatenate(rows)
 
 
-def test_adversarial_eval_does_not_depend_on_eval_batch_size(adversarial_eval):
-  state, eval_step, attack = adversarial_eval
+def eval_on_layouts(eval_step, attack, state, batch_sizes: tuple[int, ...]):
+  """(metrics, adversarial rows) per layout: each batch size on one device, then 12 on 4."""
   images, labels = eval_split()
   results, adversarial = {}, {}
-  for size in (4, 8, 12):
+  for size in batch_sizes:
     batches = padded_batches(images, labels, size)
     results[size] = evaluation.evaluate(eval_step, state, batches)
     adversarial[size] = real_rows_adversarial(attack, state, batches)
-  # 12 per batch again, sharded over 4 devices.
   mesh = parallel.make_mesh(jax.devices()[:4])
   sharded = [jax.device_put(b, parallel.batch_sharding(mesh))
              for b in padded_batches(images, labels, 12)]
   replicated_state = jax.device_put(state, parallel.replicated(mesh))
   results["12 on 4 devices"] = evaluation.evaluate(eval_step, replicated_state, sharded)
   adversarial["12 on 4 devices"] = real_rows_adversarial(attack, replicated_state, sharded)
+  return results, adversarial
+
+
+def test_adversarial_eval_does_not_depend_on_eval_batch_size(adversarial_eval):
+  state, eval_step, attack = adversarial_eval
+  images, _ = eval_split()
+  results, adversarial = eval_on_layouts(eval_step, attack, state, (4, 8, 12))
 
   # The attack really moved (nearly) every example, within its budget.
   moved = np.any(adversarial[4] != images, axis=(1, 2, 3))
@@ -313,17 +319,7 @@ def test_robust_eval_does_not_depend_on_eval_batch_size(adversarial_eval):
   attack = jax.jit(evaluation.make_robust_attack(forward, 10, pgd),
                    compiler_options=FAST_COMPILE)
   images, labels = eval_split()
-  robust, adversarial = {}, {}
-  for size in (4, 12):
-    batches = padded_batches(images, labels, size)
-    robust[size] = evaluation.evaluate(step, state, batches)
-    adversarial[size] = real_rows_adversarial(attack, state, batches)
-  mesh = parallel.make_mesh(jax.devices()[:4])
-  sharded = [jax.device_put(b, parallel.batch_sharding(mesh))
-             for b in padded_batches(images, labels, 12)]
-  replicated_state = jax.device_put(state, parallel.replicated(mesh))
-  robust["12 on 4 devices"] = evaluation.evaluate(step, replicated_state, sharded)
-  adversarial["12 on 4 devices"] = real_rows_adversarial(attack, replicated_state, sharded)
+  robust, adversarial = eval_on_layouts(step, attack, state, (4, 12))
   delta = np.abs(adversarial[4] - images)
   assert delta.max() <= 8.0 + 1e-4 and np.mean(delta > 0) > 0.9  # Moved, within the ball.
   for layout in (12, "12 on 4 devices"):

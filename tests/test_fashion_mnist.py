@@ -35,17 +35,6 @@ def _examples(builder: tfds.core.DatasetBuilder, split: str) -> list[tuple[int, 
   return sorted((int(ex["label"]), ex["image"].tobytes()) for ex in tfds.as_numpy(ds))
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-  """No Debian files and no network, so only what a test sets up is found."""
-  monkeypatch.setattr(fashion_mnist, "DEBIAN_IDX_DIR", str(tmp_path / "no_debian_files"))
-
-  def fail_download(builder):
-    raise ConnectionError(f"no network to download {builder.name}")
-
-  monkeypatch.setattr(fashion_mnist, "_download_and_prepare_official", fail_download)
-
-
 def test_idx_round_trip(tmp_path):
   array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
   for name in ("a-idx3-ubyte.gz", "a-idx3-ubyte"):

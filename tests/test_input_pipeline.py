@@ -1014,14 +1014,9 @@ def test_a_shard_shorter_than_its_metadata_is_corrupt_data(imagenet_dir, tmp_pat
 
 
 @pytest.fixture
-def offline_fashion(monkeypatch, tmp_path):
-  """No Debian IDX files and no network; records who prepares (converts or downloads) what."""
-  monkeypatch.setattr(fashion_mnist, "DEBIAN_IDX_DIR", str(tmp_path / "no_debian_files"))
-
-  def no_network(builder):
-    raise ConnectionError(f"no network to download {builder.name}")
-
-  monkeypatch.setattr(fashion_mnist, "_download_and_prepare_official", no_network)
+def offline_fashion(monkeypatch, offline):
+  """Offline (conftest), and records who prepares (converts or downloads) what."""
+  del offline
   events, acting = [], ["process 1"]
   convert = fashion_mnist.FashionMnistIdx.download_and_prepare
 
