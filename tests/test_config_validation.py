@@ -87,13 +87,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run_main(workdir: pathlib.Path | None, flags: list[str], config: str = CONFIG,
-              **env: str) -> tuple[int, str, float]:
+              cwd: pathlib.Path = REPO, **env: str) -> tuple[int, str, float]:
   """Runs main.py; returns (exit status, stdout + stderr, seconds)."""
   start = time.monotonic()
   args = [config] + ([f"--workdir={workdir}"] if workdir is not None else [])
   proc = subprocess.run(
       [sys.executable, str(REPO / "main.py"), *args, *flags],
-      cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=120, check=False)
+      cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=120, check=False)
   return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 
@@ -292,9 +292,10 @@ def test_command_line_and_config_file_mistakes(tmp_path, name, config, flags, te
 
 
 def test_empty_workdir_is_refused(tmp_path):
-  status, output, seconds = _run_main(None, ["--workdir="])
+  status, output, seconds = _run_main(None, ["--workdir="], cwd=tmp_path)
   _assert_user_error(status, output, seconds)
   assert "--workdir is empty" in output
+  assert not list(tmp_path.iterdir())  # Nothing written to the current directory.
 
 
 def _written(workdir: pathlib.Path) -> set[str]:

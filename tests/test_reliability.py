@@ -449,6 +449,7 @@ def test_checkpoint_of_another_experiment_is_refused_and_kept(single_run, tmp_pa
   shutil.copytree(single_run, workdir)
   before = _checkpoint_files(workdir)
   config_json = (workdir / "config.json").read_text()
+  metrics = (workdir / "metrics.jsonl").read_bytes()
   process = _Main(tmp_path / "main.log", workdir, *flag.split())
   assert _wait([process], timeout=120) == [2], process.output[-5000:]
   assert "belongs to a different experiment" in process.output
@@ -456,6 +457,7 @@ def test_checkpoint_of_another_experiment_is_refused_and_kept(single_run, tmp_pa
   assert "Traceback" not in process.output
   assert _checkpoint_files(workdir) == before  # Nothing deleted, moved or rewritten.
   assert (workdir / "config.json").read_text() == config_json
+  assert (workdir / "metrics.jsonl").read_bytes() == metrics
   assert not (workdir / "checkpoints_damaged").exists()
 
 
@@ -679,7 +681,10 @@ def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(
   assert ("the last good checkpoint is step 8" if resumed else
           "no checkpoint was saved before it, so a resume starts from step 0") in output
   assert "Traceback" not in output
-  assert 12 < max(_steps(workdir)) < 24, _steps(workdir)  # Stopped soon after the failed save.
+  steps = _steps(workdir)
+  assert 12 < max(steps) < 24, steps  # Stopped soon after the failed save.
+  assert steps == sorted(set(steps)), steps  # Each logged step once, in order.
+  assert set(range(9 if resumed else 1, max(steps) + 1)) <= set(steps)  # Logged every step.
   manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "record"))
   assert manager.all_steps() == ([4, 8] if resumed else [])
   if resumed:
@@ -693,6 +698,8 @@ def test_fifo_fill_is_logged_and_a_run_records_its_config_and_a_trace(tmp_path):
                 "--config.profile_steps=2")
   assert "Filling the adversarial FIFO with attacks on the first 2 batches" in output
   assert "Filled 2 of 2 FIFO slots" in output
+  assert re.search(r"Adversarial FIFO: 2 batches of \(\d+, [\d, ]+\), [\d.]+ MiB per device",
+                   output), output[-3000:]
   assert json.loads((workdir / "config.json").read_text())["staleness"] == 2
   assert list(workdir.glob("plugins/profile/*/*.xplane.pb")), sorted(workdir.rglob("*"))
 
@@ -716,6 +723,7 @@ def test_a_missing_peer_fails_fast_with_the_fix(tmp_path):
                   num_devices=2)
   assert _wait([process], timeout=60) == [2], process.output[-5000:]
   assert f"not all 2 processes joined the coordinator at {address} within" in process.output
+  assert "a distinct --process_id (0..1)" in process.output  # The fix.
   assert "Traceback" not in process.output
 
 
@@ -729,6 +737,7 @@ def test_a_busy_coordinator_port_is_named(tmp_path):
                     "--process_id=0", num_devices=2)
     assert _wait([process], timeout=60) == [2], process.output[-5000:]
   assert f"port {port} on 127.0.0.1 is already in use" in process.output
+  assert "Pick a free port for every process" in process.output  # The fix.
   assert "Traceback" not in process.output
 
 
@@ -755,4 +764,6 @@ def test_processes_with_different_configs_are_refused_by_field(tmp_path):
   assert _wait(processes, timeout=120) == [2, 2], "\n".join(p.output[-3000:] for p in processes)
   for p in processes:
     assert "started with different configs (fields config.learning_rate" in p.output
+    assert "Every process must get the same --config file and overrides" in p.output
+    assert "Traceback" not in p.output
   assert not (tmp_path / "workdir" / "checkpoints").exists()
