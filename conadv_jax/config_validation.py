@@ -30,6 +30,7 @@ _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 
 
 def _one_of(names) -> tuple[Callable[[Any], bool], str]:
+  """`names` is read at each check: an entry added to a registry at run time is allowed."""
   return (lambda v: v in names), f"choose one of {', '.join(map(str, names))}"
 
 
@@ -46,7 +47,7 @@ _FINITE = ((lambda v: math.isfinite(v)), "it must be finite")
 
 # field: (accepted types, (check, what is allowed)). None is accepted only where listed.
 FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]]] = {
-    "dataset": (_STR, _one_of(datasets.DATASET_NAMES)),
+    "dataset": (_STR, _one_of(datasets.DATASETS)),
     "data_dir": (_STR + (type(None),),
                  ((lambda v: v is None or bool(v.strip())), "use a folder path, or leave unset")),
     "image_size": (_INT, ((lambda v: 0 <= v <= 4096),

@@ -109,7 +109,6 @@ DATASETS: dict[str, DatasetSpec] = {
                     source="synthetic", augmentation="none"),
     )
 }
-DATASET_NAMES = tuple(DATASETS)  # As registered at import; get_spec reads DATASETS itself.
 
 
 class UnknownDatasetError(errors.UserError, ValueError):

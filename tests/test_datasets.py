@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conadv_jax import augment
+from conadv_jax import config_validation
 from conadv_jax import datasets
 from conadv_jax import errors
 from configs import default
@@ -21,7 +22,6 @@ def _config(**overrides):
 
 def test_entries_are_consistent():
   assert set(augment.RECIPES) == set(datasets.AUGMENTATIONS)
-  assert datasets.DATASET_NAMES == tuple(datasets.DATASETS)
   for name, spec in datasets.DATASETS.items():
     assert spec.name == name
     assert spec.native_image_size > 0 and spec.num_classes > 0
@@ -72,6 +72,7 @@ def test_unknown_dataset_is_a_user_error_listing_the_registered_names(monkeypatc
   monkeypatch.setitem(datasets.DATASETS, "tiny", dataclasses.replace(
       datasets.DATASETS["cifar10"], name="tiny"))
   assert datasets.get_spec(_config(dataset="tiny")).name == "tiny"
+  config_validation.validate(_config(dataset="tiny"), num_devices=1)  # One entry is enough.
   with pytest.raises(datasets.UnknownDatasetError) as error:
     datasets.get_spec(_config(dataset="mnist"))
   assert isinstance(error.value, errors.UserError) and isinstance(error.value, ValueError)
