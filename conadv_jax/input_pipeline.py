@@ -88,6 +88,17 @@ class DatasetInfo:
       default=None, compare=False, repr=False)
 
 
+def published_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """The DatasetInfo the registry's published sizes give, without data: for generated data,
+  and for shape-only work (memory estimates, building a preset's state to inspect it)."""
+  spec = datasets.get_spec(config)
+  size = _image_size(config, spec)
+  return DatasetInfo(spec=spec, num_classes=spec.num_classes,
+                     image_shape=(size, size, spec.channels),
+                     num_train_examples=spec.num_train_examples,
+                     num_eval_examples=spec.num_eval_examples)
+
+
 def _image_size(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec) -> int:
   size = config.image_size or spec.native_image_size
   if size <= 0:
@@ -246,12 +257,7 @@ def get_dataset_info(config: ml_collections.ConfigDict, *, process_index: int | 
   spec = datasets.get_spec(config)
   size = _image_size(config, spec)
   if spec.source == "synthetic":
-    return DatasetInfo(
-        spec=spec,
-        num_classes=spec.num_classes,
-        image_shape=(size, size, spec.channels),
-        num_train_examples=spec.num_train_examples,
-        num_eval_examples=spec.num_eval_examples)
+    return published_info(config)
   builder = _prepared_builder(config, spec, *_process(process_index, process_count))
   num_classes = builder.info.features["label"].num_classes
   channels = builder.info.features["image"].shape[-1]

@@ -32,8 +32,7 @@ import numpy as np
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
-from conadv_jax import (datasets, experiment, input_pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                        parallel)
+from conadv_jax import experiment, input_pipeline, parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (with :preset).", lock_config=False)
@@ -51,18 +50,10 @@ def _bytes(tree: Any) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def _info(config) -> input_pipeline.DatasetInfo:
-  """The registry's published sizes: no data needed."""
-  spec = datasets.get_spec(config)
-  side = config.image_size or spec.native_image_size
-  return input_pipeline.DatasetInfo(
-      spec=spec, num_classes=spec.num_classes, image_shape=(side, side, spec.channels),
-      num_train_examples=spec.num_train_examples, num_eval_examples=spec.num_eval_examples)
-
-
 def state_sizes(config) -> dict[str, Any]:
   """Bytes of each part of the state (global, as in a checkpoint), from jax.eval_shape."""
-  exp = experiment.build(config, _info(config), parallel.make_mesh(jax.devices()[:1]))
+  exp = experiment.build(config, input_pipeline.published_info(config),
+                         parallel.make_mesh(jax.devices()[:1]))
   state = exp.state_shape
   fifo = state.adv_fifo or {}
   image = fifo.get("image")
@@ -83,7 +74,8 @@ def measure_temp(config, micro_batch: int) -> dict[str, float]:
   config.batch_size = 2 * micro_batch
   config.grad_accum_steps = 2
   config.bn_group_size = min(config.bn_group_size or micro_batch, micro_batch)
-  exp = experiment.build(config, _info(config), parallel.make_mesh(jax.devices()[:1]))
+  exp = experiment.build(config, input_pipeline.published_info(config),
+                         parallel.make_mesh(jax.devices()[:1]))
   batch = {"image": jax.ShapeDtypeStruct(exp.batch_shape, np.uint8),
            "label": jax.ShapeDtypeStruct(exp.batch_shape[:1], np.int32)}
   if exp.method.aug_view:

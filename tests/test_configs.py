@@ -1,4 +1,5 @@
 """Every config file and preset loads, passes validation and builds its model."""
+import functools
 import importlib
 import itertools
 
@@ -7,8 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from conadv_jax import (config_history, config_validation, datasets, experiment, input_pipeline,
-                        models, optim, parallel)
+from conadv_jax import (attacks, conadv, config_history, config_validation, datasets, experiment,
+                        input_pipeline, models, optim, parallel)
 from configs import common, fashion_mnist_study, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -120,7 +121,7 @@ def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
     size = imagenet_resnet50.BATCH_SIZES[batch]
     for preset in (f"vanilla_{batch}", f"conadv_{batch}", f"conadv_aa_{batch}"):
       config = imagenet_resnet50.get_config(preset)
-      per_epoch = input_pipeline.steps_per_epoch(config, imagenet_info(config))
+      per_epoch = input_pipeline.steps_per_epoch(config, input_pipeline.published_info(config))
       assert per_epoch == IMAGENET_TRAIN_EXAMPLES / size  # Not floored.
       total = optim.total_train_steps(config, per_epoch)
       if batch in paper_steps:
@@ -134,13 +135,6 @@ def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
       assert float(schedule(warmup - 1)) < config.learning_rate * (1 - 0.5 / warmup)
 
 
-def imagenet_info(config):
-  spec = datasets.get_spec(config)
-  return input_pipeline.DatasetInfo(
-      spec=spec, num_classes=spec.num_classes, image_shape=(224, 224, 3),
-      num_train_examples=spec.num_train_examples, num_eval_examples=spec.num_eval_examples)
-
-
 @pytest.mark.parametrize("preset", ["vanilla_4k", "conadv_32k", "conadv_aa_96k",
                                     "vanilla_aa_96k", "disadv_64k"])
 def test_imagenet_presets_are_the_reference_run(preset):
@@ -152,6 +146,18 @@ def test_imagenet_presets_are_the_reference_run(preset):
   assert (attack.random_start, attack.random_start_prob) == ("per_batch", 0.8)
   assert config.bn_group_size == IMAGENET_BN_GROUP_SIZES[preset.split("_")[-1]]
   assert config.label_smoothing == 0.1 and config.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name,preset", [c for c in CASES if c[0] != "imagenet_resnet50"])
+def test_small_data_presets_keep_the_per_example_attack_and_pgd_10(name, preset):
+  """Only the ImageNet presets take the reference run's ε = 4 with one coin per batch."""
+  config = load(name, preset)
+  attack = config.attack
+  assert (attack.epsilon, attack.step_size, attack.num_steps, attack.random_start) == (
+      9.0, 9.0, 1, "per_example")
+  assert (config.eval_pgd_steps, config.eval_pgd_epsilon) == (10, 8.0)
+  if name == "fashion_mnist_study":  # Sharpness over a fixed subset of at least 2,048 examples.
+    assert config.sharpness_num_examples >= 2_048
 
 
 def test_unknown_preset_names_the_choices():
@@ -170,20 +176,15 @@ def test_every_default_field_has_a_validation_rule_and_no_rule_is_stale():
   assert fields == set(config_validation.FIELD_RULES)
 
 
-@pytest.mark.parametrize("name,preset", [c for c in CASES if c[1] is None or "_" not in c[1]
-                                         or c[1].endswith(("_1k", "_96k"))])
+@pytest.mark.parametrize("name,preset", CASES)
 def test_three_step_quick_check_of_every_preset_builds(name, preset):
   """--config.num_train_steps=3: validation passes (a long warmup is clamped) and the run's
   state, optimizer and schedule build, from the registry's published sizes (no data needed)."""
   config = load(name, preset)
   config.num_train_steps = 3
   config_validation.validate(config, num_devices=_num_devices(name))
-  spec = datasets.get_spec(config)
-  side = config.image_size or spec.native_image_size
-  info = input_pipeline.DatasetInfo(
-      spec=spec, num_classes=spec.num_classes, image_shape=(side, side, spec.channels),
-      num_train_examples=spec.num_train_examples, num_eval_examples=spec.num_eval_examples)
-  exp = experiment.build(config, info, parallel.make_mesh(jax.devices()[:_num_devices(name)]))
+  exp = experiment.build(config, input_pipeline.published_info(config),
+                         parallel.make_mesh(jax.devices()[:_num_devices(name)]))
   assert exp.total_steps == 3
   if config.warmup_epochs * exp.steps_per_epoch >= 3:  # Clamped: the peak at the last step.
     assert float(exp.learning_rate_fn(3)) == pytest.approx(config.learning_rate, rel=1e-5)
@@ -193,29 +194,53 @@ def _first_batches(config, num=2):
   info = input_pipeline.get_dataset_info(config)
   batches = itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
                                                           process_count=1), num)
-  return [b["image"].tobytes() + b["label"].tobytes() for b in batches]
+  return [b"".join(key.encode() + b[key].tobytes() for key in sorted(b)) for b in batches]
 
 
-def test_every_field_that_changes_the_data_is_refused_on_resume():
-  """Perturbs every field of a synthetic config; if batch t changes, a resume must refuse it."""
-  base = load("cpu_smoke", "conadv")
+# Every name a string field can take, from the modules that own them; a field's own rule picks its.
+NAMES = {n for names in (datasets.AUG_BRANCHES, models.MODEL_NAMES, models.DTYPES,
+                         models.ADV_BN_MODES, models.MODEL_INITS, conadv.METHODS,
+                         conadv.LOSS_WEIGHTINGS, attacks.RANDOM_STARTS, parallel.TASK_LAYOUTS,
+                         optim.OPTIMIZERS, optim.SCHEDULES) for n in names}
+
+
+def _other_values(field: str, value) -> list:
+  """Values other than `value` to try: numbers nudged, booleans flipped, every other allowed name.
+
+  `dataset` is left out (another dataset needs its files; it is refused by name), and so are
+  data_dir (None) and mlp_widths (a tuple).
+  """
+  if isinstance(value, bool):
+    return [not value]
+  if isinstance(value, int):
+    return [value + 1 if value != -1 else 3]
+  if isinstance(value, float):
+    return [value * 0.5 + 0.25]
+  if isinstance(value, str) and field != "dataset":
+    _, (allowed, _) = config_validation.FIELD_RULES[field]
+    return sorted(n for n in NAMES if n != value and allowed(n))
+  return []
+
+
+@pytest.mark.parametrize("preset", ["conadv", "conadv_aa"])
+def test_every_field_that_changes_the_data_is_refused_on_resume(preset):
+  """Changes every field of a synthetic config in turn (names: to every other allowed name); if
+  the first batches change (images, labels or the augmented view), a resume must refuse it."""
+  base = load("cpu_smoke", preset)
   base.update(dict(image_size=8, synthetic_num_examples=128))
   reference = _first_batches(base)
-  perturbed = {bool: lambda v: not v, int: lambda v: v + 1 if v != -1 else 3,
-               float: lambda v: v * 0.5 + 0.25, str: None, type(None): None, list: None}
-  changes_data = []
+  changes_data = set()
   for field, value in config_history.flatten(base).items():
-    change = perturbed[type(value)]
-    if change is None or field.startswith("attack."):
-      continue  # Names are covered by the registry; the attack is not in the pipeline.
-    config = ml_collections.ConfigDict(base.to_dict())
-    config[field] = change(value)
-    try:
-      batches = _first_batches(config)
-    except Exception:  # pylint: disable=broad-except  # An invalid value: not a data change.
-      continue
-    if batches != reference:
-      changes_data.append(field)
+    for other in _other_values(field, value):
+      config = ml_collections.ConfigDict(base.to_dict())
+      *parents, leaf = field.split(".")  # attack.epsilon: config.attack["epsilon"].
+      functools.reduce(lambda c, name: c[name], parents, config)[leaf] = other
+      try:
+        batches = _first_batches(config)
+      except Exception:  # pylint: disable=broad-except  # An invalid value: not a data change.
+        continue
+      if batches != reference:
+        changes_data.add(field)
   refused = set(config_history.DATA_ORDER_FIELDS) | set(config_history.STEP_MEANING_FIELDS)
-  assert {"seed", "batch_size", "image_size"} <= set(changes_data)
-  assert set(changes_data) <= refused, set(changes_data) - refused
+  assert {"seed", "batch_size", "image_size", "aug_branch"} <= changes_data
+  assert changes_data <= refused, changes_data - refused
