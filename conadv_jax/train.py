@@ -402,9 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       try:
         if not run.resumed:
           parameter_overview.log_parameter_overview(run.state.params)
-        logging.info("%s %s, %d steps (%.2f per epoch), %s from step %d on %d devices.",
-                     config.method, config.model, exp.total_steps, exp.steps_per_epoch,
-                     "resuming" if run.resumed else "starting", run.step, jax.device_count())
+        logging.info("%s %s, %d steps (%.2f per epoch), %s from step %d on %d devices "
+                     "(mesh %s).", config.method, config.model, exp.total_steps,
+                     exp.steps_per_epoch, "resuming" if run.resumed else "starting", run.step,
+                     jax.device_count(), dict(exp.mesh.shape))
         stop = _train(exp, run, checkpointer, writer, lock)
         if stop:
           return {"stopped_at_step": run.step, "reason": stop}

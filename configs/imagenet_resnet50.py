@@ -61,6 +61,8 @@ device) and k=1 from 8 up:
       --config.bn_group_size=4 --config.num_train_steps=3 --config.eval_batch_size=16 \
       --config.synthetic_num_examples=64 --config.synthetic_num_classes=10 \
       --config.eval_pgd_steps=0 [--config.grad_accum_steps=2]
+The ConAdv presets take `--config.task_layout=split` as well, on an even number of devices (on a
+CPU, XLA_FLAGS=--xla_force_host_platform_device_count=2 makes two).
 """
 import re
 

@@ -4,7 +4,8 @@ Only overrides (the ones in configs/imagenet_resnet50.py's docstring, plus a che
 steps so that a save runs too): synthetic data, 32-pixel images, a batch of 16 with BN groups of
 4, 3 steps. Everything else is the preset's: ResNet-50
 with the reference init, three branches (AutoAugment view), losses averaged, the ε = 4 attack
-with one coin per batch, LARS. With and without gradient accumulation.
+with one coin per batch, LARS. With and without gradient accumulation, and ConAdv with tasks A
+and B on separate devices (task_layout=split, 2 devices).
 """
 import json
 import pathlib
@@ -21,19 +22,25 @@ SHRINK = ["--config.dataset=synthetic", "--config.image_size=32", "--config.batc
           "--config.checkpoint_every_steps=2", "--config.eval_pgd_steps=0"]
 
 
-@pytest.mark.parametrize("preset,accum", [("conadv_aa_96k", 1), ("conadv_aa_96k", 2),
-                                          ("vanilla_aa_4k", 1), ("vanilla_aa_4k", 2)])
-def test_shrunken_imagenet_preset_runs_through_main(preset, accum, tmp_path):
+@pytest.mark.parametrize("preset,accum,layout", [
+    ("conadv_aa_96k", 1, "shared"), ("conadv_aa_96k", 2, "shared"),
+    ("vanilla_aa_4k", 1, "shared"), ("vanilla_aa_4k", 2, "shared"),
+    ("conadv_aa_96k", 1, "split")])
+def test_shrunken_imagenet_preset_runs_through_main(preset, accum, layout, tmp_path):
   workdir = tmp_path / preset
   command = [sys.executable, str(REPO / "main.py"),
              f"--config={REPO / 'configs' / 'imagenet_resnet50.py'}:{preset}",
-             f"--workdir={workdir}", *SHRINK, f"--config.grad_accum_steps={accum}"]
-  done = subprocess.run(command, cwd=REPO, env=cpu_env(1), capture_output=True, text=True,
-                        timeout=900, check=False)
+             f"--workdir={workdir}", *SHRINK, f"--config.grad_accum_steps={accum}",
+             f"--config.task_layout={layout}"]
+  done = subprocess.run(command, cwd=REPO, env=cpu_env(2 if layout == "split" else 1),
+                        capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   config = results["config"]
   assert results["final_step"] == 3 and config["grad_accum_steps"] == accum
+  assert config["task_layout"] == layout
+  mesh = "{'task': 2, 'data': 1}" if layout == "split" else "{'data': 1}"
+  assert f"on {2 if layout == 'split' else 1} devices (mesh {mesh})" in done.stderr
   assert (config["model"], config["aug_branch"], config["loss_weighting"]) == (
       "ResNet50", "autoaugment", "mean")
   train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()

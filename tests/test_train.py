@@ -173,7 +173,8 @@ def _fingerprint(array) -> str:
 
 @pytest.mark.parametrize("preset", ["conadv2", "disadv"])
 def test_the_step_gets_batch_t_and_batch_t_plus_tau(preset, tmp_path, monkeypatch):
-  """Through the real loop: across an epoch boundary (8 steps per epoch) and a resume at 5."""
+  """Through the real loop: across an epoch boundary (8 steps per epoch) and a resume at 5. The
+  images reach the jitted step as uint8 device arrays (cast and normalised inside it)."""
   config = smoke_config(preset)
   tau = config.staleness
   info = input_pipeline.get_dataset_info(config)
@@ -188,6 +189,8 @@ def test_the_step_gets_batch_t_and_batch_t_plus_tau(preset, tmp_path, monkeypatc
     def step(state, batch, batch_ahead):
       seen[int(jax.device_get(state.step))] = (_fingerprint(batch["image"]),
                                                _fingerprint(batch_ahead["image"]))
+      for image in (batch["image"], batch_ahead["image"]):
+        assert isinstance(image, jax.Array) and image.dtype == np.uint8, image.dtype
       return step_fn(state, batch, batch_ahead)
 
     return step
