@@ -255,9 +255,9 @@ def get_dataset_info(config: ml_collections.ConfigDict, *, process_index: int | 
     InputConfigError: config.image_size < 0.
   """
   spec = datasets.get_spec(config)
-  size = _image_size(config, spec)
   if spec.source == "synthetic":
     return published_info(config)
+  size = _image_size(config, spec)
   builder = _prepared_builder(config, spec, *_process(process_index, process_count))
   num_classes = builder.info.features["label"].num_classes
   channels = builder.info.features["image"].shape[-1]
