@@ -1,6 +1,6 @@
 """Entry point: python main.py --config=configs/<file>.py[:preset] --workdir=DIR [--config.x=y].
 
-Thin on purpose: flags, logging and process setup here; everything else in conadv_jax.train.
+Thin on purpose: flags, logging and process setup here; everything else in conadv_jax.run.train.
 Every mistake a user can make (flags, config file, config values, workdir, data, checkpoints of
 another experiment) ends in one `error: ...` line and exit status 2, never a traceback.
 """
@@ -195,7 +195,8 @@ def main(argv):
   # Imported here so --help works without initialising JAX or TensorFlow.
   import jax
 
-  from conadv_jax import config_validation, errors
+  from conadv_jax import errors
+  from conadv_jax.run import config_validation
 
   _initialize_distributed(jax)
   logging.info("Process %d of %d; %d local / %d global devices: %s", jax.process_index(),
@@ -205,11 +206,11 @@ def main(argv):
     # Before TensorFlow is imported (seconds), so that a mistyped value fails at once.
     config_validation.validate(FLAGS.config, num_devices=jax.device_count())
     config_validation.check_same_on_all_processes(FLAGS.config)
-    from conadv_jax import workdir  # pylint: disable=g-import-not-at-top
+    from conadv_jax.run import workdir  # pylint: disable=g-import-not-at-top
     workdir.prepare(FLAGS.workdir)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    from conadv_jax import train  # pylint: disable=g-import-not-at-top
+    from conadv_jax.run import train  # pylint: disable=g-import-not-at-top
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only; keep TF off the accelerators.
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

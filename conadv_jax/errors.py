@@ -14,6 +14,10 @@ class UserError(Exception):
   """A mistake in the command, config, workdir or data; the message says what and how to fix."""
 
 
+class ConfigError(UserError, ValueError):
+  """A config field has a value the run cannot use; the message names it as config.FIELD."""
+
+
 def stop_together(work: Callable[[], T], what: str) -> T:
   """Runs `work` here; if it fails on any process of the run, every process stops at once.
 

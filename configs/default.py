@@ -6,7 +6,7 @@ contract that researchers sweep over (`--config.staleness=2`); rename none of th
 Usage (ConAdv, τ = 1, with a depth-8 SmallResNet on Fashion-MNIST for 5 epochs with SGD; the
 tuned Fashion-MNIST recipe is configs/fashion_mnist.py):
   python main.py --config=configs/default.py --workdir=/tmp/conadv_default
-Every field is checked by conadv_jax/config_validation.py (FIELD_RULES) before anything runs.
+Every field is checked by conadv_jax/run/config_validation.py (FIELD_RULES) before anything runs.
 """
 import ml_collections
 
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # Compute dtype: float32 | bfloat16. Parameters stay float32.
   config.bn_group_size = 0  # Examples per BN statistics group; 0 = whole per-device micro-batch.
   config.adv_bn = "separate"  # separate | shared: BN of the adversarial branch.
-  # flax | reference: initialisation and strided-conv padding (conadv_jax/models.py docstring);
+  # flax | reference: initialisation and strided-conv padding (conadv_jax/method/models.py docstring);
   # "reference" is the paper's code (tensorflow/tpu ResNet), whose LARS learning rates assume it.
   config.model_init = "flax"
 

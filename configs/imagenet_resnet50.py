@@ -69,7 +69,7 @@ import re
 import ml_collections
 
 from configs import common, default
-from conadv_jax import optim
+from conadv_jax.method import optim
 
 BATCH_SIZES = {"1k": 1_024, "4k": 4_096, "8k": 8_192, "16k": 16_384, "32k": 32_768,
                "64k": 65_536, "96k": 98_304}

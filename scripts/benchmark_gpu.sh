@@ -5,7 +5,7 @@
 # Needs jax (with the accelerator's plugin), flax, optax and ml_collections. The H200 lent to
 # this project had no TensorFlow, TFDS, ml_collections or clu: ml_collections 1.1.0 (pure
 # Python) was carried in .gpu_site/ (git-ignored), and scripts/without_tensorflow.py stands in
-# for tensorflow / tensorflow_datasets, which conadv_jax.input_pipeline imports at module level
+# for tensorflow / tensorflow_datasets, which conadv_jax.data.input_pipeline imports at module level
 # but nothing on these code paths calls (a call raises). clu is imported only by train.py.
 #
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=500 MEMORY=1 bash scripts/benchmark_gpu.sh

@@ -100,7 +100,8 @@ import tensorflow_datasets as tfds
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # For configs/.
 from configs import imagenet_resnet50  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conadv_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.data import datasets, input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.method import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SCHEMA = "conadv_jax.benchmark_input/1"
 MARKER = "conadv_benchmark_input.json"  # In the prepared folder: what this script wrote there.
@@ -364,7 +365,7 @@ class MissingKeyError(Exception):
   """The pipeline's batches lack a key the run needs (a config field it does not implement)."""
 
 
-def measure_train(name: str, config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+def measure_train(name: str, config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                   steps_per_epoch: float, required_key: str = "image") -> dict[str, Any]:
   """Times one continuous train stream: --warmup batches, then --repeats x --steps batches.
 
@@ -396,7 +397,7 @@ def measure_train(name: str, config: ml_collections.ConfigDict, info: input_pipe
 
 
 def measure_eval(config: ml_collections.ConfigDict,
-                 info: input_pipeline.DatasetInfo) -> dict[str, Any]:
+                 info: datasets.DatasetInfo) -> dict[str, Any]:
   """Times one untimed and then --repeats full eval passes, each built anew as in training."""
   timings, untimed = _Timings(), _Timings()
   for repeat in range(-1, FLAGS.repeats):  # -1: the warm-up pass.
@@ -453,7 +454,7 @@ def _code_info() -> dict[str, Any]:
   digest = hashlib.sha256(pipeline.read_bytes()).hexdigest()
   commit = _git("rev-parse", "HEAD")
   dirty = _git("status", "--porcelain", "--", "conadv_jax", "configs")
-  at_head = _git("show", "HEAD:conadv_jax/input_pipeline.py")
+  at_head = _git("show", "HEAD:conadv_jax/data/input_pipeline.py")
   return {"git_commit": commit.decode().strip() if commit is not None else None,
           "git_dirty_paths": ([line[3:] for line in dirty.decode().splitlines()]
                               if dirty is not None else None),
@@ -517,7 +518,7 @@ def main(argv: Sequence[str]) -> None:
 
   config = _config(data_dir)
   info = input_pipeline.get_dataset_info(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
+  steps_per_epoch = optim.steps_per_epoch(config.batch_size, info.num_train_examples)
   results, skipped = {}, {}
   results["train"] = measure_train("train", config, info, steps_per_epoch)
   if "aug_branch" not in config:

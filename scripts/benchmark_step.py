@@ -47,8 +47,9 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conadv_jax import (conadv, config_validation, experiment, input_pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                        models, parallel, split_layout)
+from conadv_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.method import conadv, experiment, models, parallel, split_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.run import config_validation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "SmallResNet", list(models.MODEL_NAMES), "Model to time.")

@@ -36,7 +36,7 @@ _spec = importlib.util.spec_from_file_location("benchmark_step",
 bs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bs)  # Defines benchmark_step's flags (--model, --image_size, ...).
 
-from conadv_jax import conadv, split_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.method import conadv, split_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("task_rows", ["4", "8"], "Rows per device to time the tasks at: r and 2r.")

@@ -32,7 +32,8 @@ import numpy as np
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
-from conadv_jax import experiment, input_pipeline, parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.method import experiment, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (with :preset).", lock_config=False)

@@ -2,7 +2,7 @@
 
   python3 scripts/without_tensorflow.py scripts/benchmark_step.py --model=ResNet50 ...
 
-conadv_jax.input_pipeline (imported by experiment and evaluation, so by benchmark_step and
+conadv_jax.data.input_pipeline (imported by experiment and evaluation, so by benchmark_step and
 memory_report) and its imports augment, autoaugment and fashion_mnist do `import tensorflow as
 tf` / `import tensorflow_datasets as tfds` at module level. On synthetic data (benchmark_step)
 or registry shapes (memory_report) nothing runs them: they appear in annotations, decorators,
@@ -66,8 +66,8 @@ for _name in ("tensorflow", "tensorflow_datasets"):
   _install(_name)
 
 sys.path.insert(0, os.environ.get("CONADV_REPO", str(pathlib.Path(__file__).resolve().parents[1])))  # Repo root.
-import conadv_jax.experiment  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
-import conadv_jax.input_pipeline  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+import conadv_jax.method.experiment  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+import conadv_jax.data.input_pipeline  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
 _STRICT = True
 
 if __name__ == "__main__":

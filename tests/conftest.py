@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
   """No Debian Fashion-MNIST files and no network, so only what a test sets up is found."""
-  from conadv_jax import fashion_mnist  # Here, not above: JAX must see XLA_FLAGS first.
+  from conadv_jax.data import fashion_mnist  # Here, not above: JAX must see XLA_FLAGS first.
   monkeypatch.setattr(fashion_mnist, "DEBIAN_IDX_DIR", str(tmp_path / "no_debian_files"))
 
   def no_network(builder):

@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax import attacks, conadv, experiment, input_pipeline, losses, models, parallel
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import attacks, conadv, experiment, losses, models, parallel
 from configs import cpu_smoke
 
 NUM_CLASSES = 4

@@ -1,4 +1,4 @@
-"""Tests for conadv_jax.autoaugment: every op against Pillow or numpy, magnitudes, and randomness.
+"""Tests for conadv_jax.data.autoaugment: every op against Pillow or numpy, magnitudes, and randomness.
 
 Tolerances: every op is compared with zero tolerance. That is achievable because the module
 repeats PIL's arithmetic: integer LUTs for the point ops (float64 for AutoContrast, as PIL's
@@ -17,7 +17,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import pytest
 import tensorflow as tf
 
-from conadv_jax import autoaugment as aa
+from conadv_jax.data import autoaugment as aa
 
 _FILL = 128
 # chi2.ppf(0.999, df): critical values of a chi-square goodness-of-fit test at p = 0.001.

@@ -16,7 +16,8 @@ import ml_collections
 import pytest
 from cpu_env import cpu_env
 
-from conadv_jax import config_validation
+from conadv_jax.run import config_validation
+from conadv_jax import errors
 from configs import cpu_smoke
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_the_cpu_smoke_config_is_valid():  # So each case below fails on its one
 def test_each_rule_refuses_its_bad_value(field):
   value = RULE_CASES[field]
   _, (_, allowed) = config_validation.FIELD_RULES[field]
-  with pytest.raises(config_validation.ConfigError) as raised:
+  with pytest.raises(errors.ConfigError) as raised:
     config_validation.validate(_smoke_config_with(field, value), NUM_DEVICES)
   message = str(raised.value)
   assert message.startswith(f"config.{field}=") and "is not allowed: " in message, message
@@ -214,13 +215,13 @@ def test_sharpness_subset_larger_than_the_train_split_is_refused_before_training
   config.sharpness_num_examples = 256
   config_validation.validate(config, NUM_DEVICES)
   config.sharpness_num_examples = 257
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r"config\.sharpness_num_examples=257 is not allowed: .* only 256 "
                      r"examples; use at most 256 \(or raise config\.synthetic_num_examples\)"):
     config_validation.validate(config, NUM_DEVICES)
   # The prepared data may hold fewer examples than the registry's published count.
   config.sharpness_num_examples = 200
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=re.escape("only 100 examples; use at most 100")):
     config_validation.validate_against_data(config, types.SimpleNamespace(num_train_examples=100))
 
@@ -331,7 +332,7 @@ def test_data_dir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_corrupt_idx_file_is_named_with_the_fix(tmp_path):
-  from conadv_jax import fashion_mnist  # pylint: disable=g-import-not-at-top
+  from conadv_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   data = tmp_path / "fashion"
   data.mkdir()

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from conadv_jax import (attacks, conadv, config_history, config_validation, datasets, experiment,
-                        input_pipeline, models, optim, parallel)
+from conadv_jax.data import datasets, input_pipeline
+from conadv_jax.method import attacks, conadv, experiment, models, optim, parallel
+from conadv_jax.run import config_history, config_validation
+from conadv_jax.method import optim
 from configs import common, fashion_mnist_study, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -121,7 +123,7 @@ def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
     size = imagenet_resnet50.BATCH_SIZES[batch]
     for preset in (f"vanilla_{batch}", f"conadv_{batch}", f"conadv_aa_{batch}"):
       config = imagenet_resnet50.get_config(preset)
-      per_epoch = input_pipeline.steps_per_epoch(config, input_pipeline.published_info(config))
+      per_epoch = optim.steps_per_epoch(config.batch_size, input_pipeline.published_info(config).num_train_examples)
       assert per_epoch == IMAGENET_TRAIN_EXAMPLES / size  # Not floored.
       total = optim.total_train_steps(config, per_epoch)
       if batch in paper_steps:

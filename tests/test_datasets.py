@@ -1,4 +1,4 @@
-"""Tests for conadv_jax.datasets: the registry that owns every per-dataset fact."""
+"""Tests for conadv_jax.data.datasets: the registry that owns every per-dataset fact."""
 import dataclasses
 import pathlib
 import subprocess
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from conadv_jax import augment
-from conadv_jax import config_validation
-from conadv_jax import datasets
+from conadv_jax.data import augment
+from conadv_jax.run import config_validation
+from conadv_jax.data import datasets
 from conadv_jax import errors
 from configs import default
 
@@ -48,7 +48,7 @@ def test_inconsistent_entries_are_rejected(change):
 
 def test_aug_branches_name_the_policies_of_augment():
   """config validation reads AUG_BRANCHES here (no TensorFlow); augment.py must serve each."""
-  from conadv_jax import autoaugment  # pylint: disable=g-import-not-at-top
+  from conadv_jax.data import autoaugment  # pylint: disable=g-import-not-at-top
   assert datasets.AUG_BRANCHES[0] == "none"  # The default: no second view.
   for branch in datasets.AUG_BRANCHES[1:]:
     assert callable(augment.policy_fn(branch, 224))
@@ -82,7 +82,7 @@ def test_unknown_dataset_is_a_user_error_listing_the_registered_names(monkeypatc
 
 def test_registry_imports_no_tensorflow():
   """Config validation reads the registry before TensorFlow is imported (seconds)."""
-  code = ("import sys; import conadv_jax.datasets; "
+  code = ("import sys; import conadv_jax.data.datasets; "
           "assert not any(m.split('.')[0] in ('tensorflow', 'jax') for m in sys.modules)")
   subprocess.run([sys.executable, "-c", code], check=True,
                  cwd=pathlib.Path(__file__).resolve().parents[1])

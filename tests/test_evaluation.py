@@ -12,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax import conadv, evaluation, input_pipeline, losses, models, parallel
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import conadv, evaluation, losses, models, parallel
+from conadv_jax.run import evaluate
 from configs import cpu_smoke
 
 
@@ -342,7 +344,7 @@ def _rows(images: np.ndarray) -> list[bytes]:
 def test_train_subset_is_the_first_training_examples_whatever_the_batching():
   config = cpu_smoke.get_config("conadv")  # 256 synthetic train examples, 64 eval ones.
   info = input_pipeline.get_dataset_info(config)
-  subset = evaluation.train_subset(config, info, 40)
+  subset = evaluate.train_subset(config, info, 40)
   assert subset["image"].shape == (40, *info.image_shape) and subset["label"].shape == (40,)
   # Training examples (all 256 are in the first epoch's 8 batches), none of the eval split.
   epoch = list(itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
@@ -356,12 +358,12 @@ def test_train_subset_is_the_first_training_examples_whatever_the_batching():
   # Fixed: the same for another eval batch size, and a prefix of a larger subset.
   other = ml_collections.ConfigDict(config.to_dict())
   other.eval_batch_size = 7
-  for again in (evaluation.train_subset(other, info, 40),
-                {k: v[:40] for k, v in evaluation.train_subset(config, info, 100).items()}):
+  for again in (evaluate.train_subset(other, info, 40),
+                {k: v[:40] for k, v in evaluate.train_subset(config, info, 100).items()}):
     np.testing.assert_array_equal(again["image"], subset["image"])
     np.testing.assert_array_equal(again["label"], subset["label"])
   with pytest.raises(ValueError, match="has 256"):
-    evaluation.train_subset(config, info, 257)
+    evaluate.train_subset(config, info, 257)
 
 
 def test_final_sharpness_is_the_top_eigenvalue_of_the_exact_hessian():
@@ -378,9 +380,9 @@ def test_final_sharpness_is_the_top_eigenvalue_of_the_exact_hessian():
   batch_stats = jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])
   state = make_state(variables["params"], batch_stats, (8, *info.image_shape))
   mesh = parallel.make_mesh(jax.devices()[:1])
-  result = evaluation.final_sharpness(config, info, mesh, forward, state)
+  result = evaluate.final_sharpness(config, info, mesh, forward, state)
 
-  subset = evaluation.train_subset(config, info, 48)
+  subset = evaluate.train_subset(config, info, 48)
   flat, unravel = jax.flatten_util.ravel_pytree(variables["params"])
 
   def loss(vector):
@@ -394,4 +396,4 @@ def test_final_sharpness_is_the_top_eigenvalue_of_the_exact_hessian():
   assert result["top_hessian_eigenvalue"] == pytest.approx(top, rel=2e-3)
   assert result["num_examples"] == 48 and 1 <= result["iterations"] <= 300
   config.sharpness_num_examples = 0
-  assert evaluation.final_sharpness(config, info, mesh, forward, state) is None
+  assert evaluate.final_sharpness(config, info, mesh, forward, state) is None

@@ -1,4 +1,4 @@
-"""Tests for conadv_jax.fashion_mnist on tiny IDX files written here (no network)."""
+"""Tests for conadv_jax.data.fashion_mnist on tiny IDX files written here (no network)."""
 import gzip
 import os
 import pathlib
@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conadv_jax import errors
-from conadv_jax import fashion_mnist
+from conadv_jax.data import fashion_mnist
 
 NUM_TRAIN = 20
 NUM_TEST = 8

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from conadv_jax import experiment, input_pipeline, parallel
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import experiment, parallel
 from configs import cpu_smoke
 
 BATCH, IMAGE = 16, 8

@@ -1,4 +1,4 @@
-"""Tests for conadv_jax.input_pipeline on tiny local data (never downloads)."""
+"""Tests for conadv_jax.data.input_pipeline on tiny local data (never downloads)."""
 import collections
 import dataclasses
 import gzip
@@ -16,11 +16,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conadv_jax import augment
-from conadv_jax import datasets
+from conadv_jax.data import augment
+from conadv_jax.data import datasets
 from conadv_jax import errors
-from conadv_jax import fashion_mnist
-from conadv_jax import input_pipeline
+from conadv_jax.data import fashion_mnist
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import optim
 
 NUM_TRAIN = 20
 NUM_TEST = 10
@@ -98,20 +99,20 @@ def _assert_batches_equal(a, b):
 def test_dataset_info_and_steps(fashion_dir):
   config = _config(data_dir=fashion_dir)
   info = input_pipeline.get_dataset_info(config)
-  assert info == input_pipeline.DatasetInfo(
+  assert info == datasets.DatasetInfo(
       spec=datasets.DATASETS["fashion_mnist"], num_classes=10, image_shape=(28, 28, 1),
       num_train_examples=NUM_TRAIN, num_eval_examples=NUM_TEST)
-  assert input_pipeline.steps_per_epoch(config, info) == 5.0
+  assert optim.steps_per_epoch(config.batch_size, info.num_train_examples) == 5.0
   # Not floored: batches run on across epoch boundaries.
-  assert input_pipeline.steps_per_epoch(_config(batch_size=6), info) == 20 / 6
-  assert datasets.steps_per_epoch(32_768, 1_281_167) == 1_281_167 / 32_768
+  assert optim.steps_per_epoch(6, info.num_train_examples) == 20 / 6
+  assert optim.steps_per_epoch(32_768, 1_281_167) == 1_281_167 / 32_768
   synthetic = input_pipeline.get_dataset_info(
       _config(dataset="synthetic", synthetic_num_classes=7))
   assert synthetic.num_classes == 7
   assert synthetic.image_shape == (32, 32, 3)
   assert synthetic.num_train_examples == NUM_TRAIN
   with pytest.raises(ValueError, match="batch_size"):
-    input_pipeline.steps_per_epoch(_config(batch_size=64), info)
+    optim.steps_per_epoch(64, info.num_train_examples)
 
 
 def test_unknown_dataset_names_the_allowed_ones():
@@ -355,7 +356,7 @@ def _imagenet_config(data_dir, **overrides):
 def test_imagenet_pipeline(imagenet_dir, cache, aug_branch):
   config = _imagenet_config(imagenet_dir, cache=cache, aug_branch=aug_branch)
   info = input_pipeline.get_dataset_info(config)
-  assert info == input_pipeline.DatasetInfo(
+  assert info == datasets.DatasetInfo(
       spec=datasets.DATASETS["imagenet2012"], num_classes=1000, image_shape=(32, 32, 3),
       num_train_examples=IMAGENET_TRAIN, num_eval_examples=IMAGENET_EVAL)
   train = list(itertools.islice(
@@ -479,7 +480,7 @@ def test_prepared_data_that_disagrees_with_the_registry_is_a_user_error(fashion_
   assert isinstance(error.value, errors.UserError)
   message = str(error.value)
   assert "10 classes and 1 channels" in message and fashion_dir in message
-  assert "delete it" in message and "conadv_jax/datasets.py" in message
+  assert "delete it" in message and "conadv_jax/data/datasets.py" in message
 
 
 def test_pipelines_reuse_the_resolved_info(fashion_dir, monkeypatch):
@@ -540,7 +541,7 @@ def test_epoch_boundaries_on_fashion_mnist(noise_fashion_dir, process_count):
   """
   config = _config(data_dir=noise_fashion_dir, batch_size=6, augment=False)
   info = input_pipeline.get_dataset_info(config)
-  assert input_pipeline.steps_per_epoch(config, info) == pytest.approx(20 / 6)
+  assert optim.steps_per_epoch(config.batch_size, info.num_train_examples) == pytest.approx(20 / 6)
   stored = sorted(img.tobytes() for img in fashion_mnist.load_split(noise_fashion_dir,
                                                                     "train")[0][..., None])
 
@@ -608,7 +609,7 @@ def test_data_order_key_names_the_layouts_that_depend_on_the_process_count(image
   assert len(set(keys.values())) == 3  # A resume on another process count is told apart.
   cached = _imagenet_config(imagenet_dir, cache=True)
   assert input_pipeline.data_order_key(cached, info, 4) is None
-  cifar = input_pipeline.DatasetInfo(
+  cifar = datasets.DatasetInfo(
       spec=datasets.DATASETS["cifar10"], num_classes=10, image_shape=(32, 32, 3),
       num_train_examples=50_000, num_eval_examples=10_000)
   assert input_pipeline.data_order_key(_config(dataset="cifar10"), cifar, 4) is None
@@ -831,7 +832,7 @@ def test_config_values_the_pipeline_cannot_use_are_user_errors(fashion_dir):
   cases = [
       (lambda: input_pipeline.get_dataset_info(_config(dataset="synthetic", image_size=-1)),
        "config.image_size=-1"),
-      (lambda: input_pipeline.steps_per_epoch(_config(batch_size=64), info),
+      (lambda: optim.steps_per_epoch(64, info.num_train_examples),
        "config.batch_size=64"),
       (lambda: input_pipeline.train_batches(config, info, process_index=0, process_count=3),
        "config.batch_size=4"),
@@ -923,7 +924,7 @@ def test_aug_view_is_the_policy_on_an_independent_crop(noise_fashion_dir, branch
   seed. Fashion-MNIST is grayscale, so it is also checked against running the policy on the
   image tiled to RGB and keeping one channel, which is what grayscale support must mean.
   """
-  from conadv_jax import autoaugment  # pylint: disable=g-import-not-at-top
+  from conadv_jax.data import autoaugment  # pylint: disable=g-import-not-at-top
   config = _aug_config(noise_fashion_dir, branch, augment=False, randaugment_num_layers=3,
                        randaugment_magnitude=7.0)
   scale = 28 / 224
@@ -959,7 +960,7 @@ def test_aug_view_is_the_policy_on_an_independent_crop(noise_fashion_dir, branch
 
 
 def test_policies_are_the_reference_ones_at_224():
-  from conadv_jax import autoaugment  # pylint: disable=g-import-not-at-top
+  from conadv_jax.data import autoaugment  # pylint: disable=g-import-not-at-top
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8))
   for i in range(8):
     seed = tf.constant([i, 3], tf.int64)

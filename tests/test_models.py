@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from conadv_jax import datasets, models, norm, parallel
+from conadv_jax.data import datasets
+from conadv_jax.method import models, norm, parallel
 from configs import cpu_smoke
 
 
@@ -476,7 +477,7 @@ def numpy_mlp(params, batch_stats, x, spec, widths, *, branch: str, group: int |
 @pytest.mark.parametrize("branch", ["main", "adv", "aug"])
 def test_mlp_through_linen_forward_matches_a_numpy_mlp(branch):
   """forward(params, batch_stats, images, train=..., branch=...) as the train step calls it."""
-  from conadv_jax import conadv  # pylint: disable=g-import-not-at-top
+  from conadv_jax.method import conadv  # pylint: disable=g-import-not-at-top
   spec = datasets.DATASETS["fashion_mnist"]
   widths, group = (24, 12), 4
   model = models.create_model("MLP", num_classes=10, mlp_widths=widths, aug_bn=True,

@@ -1,4 +1,4 @@
-"""Tests of conadv_jax.optim: masks, LARS/SGD/LAMB updates, schedules, the ImageNet recipe.
+"""Tests of conadv_jax.method.optim: masks, LARS/SGD/LAMB updates, schedules, the ImageNet recipe.
 
 Expected updates are recomputed here by hand in numpy, from the formulas in the module docstring,
 so a change of optax's behaviour (or of our wiring of it) shows up as a failure.
@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax import optim
+from conadv_jax.method import optim
 
 LR = 0.5
 WD = 0.3  # Large, so that a decay applied to the wrong tensor cannot hide in the tolerance.

@@ -25,8 +25,8 @@ import pytest
 import tensorstore as ts
 from cpu_env import cpu_env
 
-from conadv_jax import checkpointing
-from conadv_jax import workdir as workdirs
+from conadv_jax.run import checkpointing
+from conadv_jax.run import workdir as workdirs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -297,7 +297,7 @@ def test_two_process_run_resumes_with_one_process(single_run, two_process_run, t
 
 def _write_fashion_idx(folder: pathlib.Path) -> pathlib.Path:
   """A small Fashion-MNIST as its four IDX files (128 train, 40 test examples)."""
-  from conadv_jax import fashion_mnist  # pylint: disable=g-import-not-at-top
+  from conadv_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   folder.mkdir(parents=True)
   for split, count in (("train", 128), ("test", 40)):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from conadv_jax import conadv, losses, models, sharpness
+from conadv_jax.method import conadv, losses, models, sharpness
 
 
 def top_by_magnitude(matrix: np.ndarray) -> float:

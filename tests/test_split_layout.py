@@ -20,8 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax import (checkpointing, config_validation, experiment, input_pipeline, losses,
-                        parallel, train)
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import experiment, losses, parallel
+from conadv_jax.run import checkpointing, config_validation, train
+from conadv_jax import errors
 from configs import cpu_smoke, imagenet_resnet50
 from cpu_env import cpu_env
 
@@ -395,7 +397,7 @@ def test_validation_refuses_what_split_cannot_run(overrides, num_devices, messag
   config = cpu_smoke.get_config("conadv")
   config.update(dict(task_layout="split", batch_size=48, bn_group_size=4, eval_batch_size=48))
   config.update(overrides)
-  with pytest.raises(config_validation.ConfigError, match=f"config.task_layout=.*{message}"):
+  with pytest.raises(errors.ConfigError, match=f"config.task_layout=.*{message}"):
     config_validation.validate(config, num_devices=num_devices)
 
 
@@ -427,5 +429,5 @@ def test_imagenet_presets_accept_split(batch, devices):
   for method in ("vanilla", "disadv"):
     config = imagenet_resnet50.get_config(f"{method}_{batch}")
     config.task_layout = "split"
-    with pytest.raises(config_validation.ConfigError, match="task_layout"):
+    with pytest.raises(errors.ConfigError, match="task_layout"):
       config_validation.validate(config, num_devices=num_devices)

@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax import attacks, conadv, models, parallel
-from conadv_jax.norm import ADV, MAIN
+from conadv_jax.method import attacks, conadv, models, parallel
+from conadv_jax.method.norm import ADV, MAIN
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 3)

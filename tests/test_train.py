@@ -9,7 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax import checkpointing, experiment, input_pipeline, train
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import experiment
+from conadv_jax.run import checkpointing, train
+from conadv_jax import errors
 from configs import cpu_smoke
 
 PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -257,7 +260,7 @@ def test_the_memory_check_counts_the_fifo_and_the_look_ahead_batches(preset):
   for limit_bytes, refused in ((fifo + lookahead // 2, True), (fifo + lookahead, False)):
     exp.config.fifo_memory_limit_gib = limit_bytes / 2**30
     if refused:
-      with pytest.raises(train.config_validation.ConfigError, match="look-ahead input batches"):
+      with pytest.raises(errors.ConfigError, match="look-ahead input batches"):
         train._check_fifo_memory(exp)  # pylint: disable=protected-access
     else:
       train._check_fifo_memory(exp)  # pylint: disable=protected-access

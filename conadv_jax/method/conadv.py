@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from conadv_jax import attacks
-from conadv_jax import losses
-from conadv_jax.norm import ADV, AUG, MAIN
+from conadv_jax.method import attacks
+from conadv_jax.method import losses
+from conadv_jax.method.norm import ADV, AUG, MAIN
 
 METHODS = ("vanilla", "disadv", "conadv")
 LOSS_WEIGHTINGS = ("sum", "mean")  # Branch losses summed (Algorithm 1) or averaged (reference).

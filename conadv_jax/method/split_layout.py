@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from conadv_jax import conadv, parallel
-from conadv_jax.conadv import Batch, ForwardFn, MethodConfig, TrainState
+from conadv_jax.method import conadv, parallel
+from conadv_jax.method.conadv import Batch, ForwardFn, MethodConfig, TrainState
 
 DATA, TASK = parallel.DATA_AXIS, parallel.TASK_AXIS
 TASK_A, TASK_B = 0, 1  # Index along the "task" axis.

@@ -1,24 +1,36 @@
 """One builder for a run's model, state and jitted steps.
 
-train.py, scripts/benchmark_step.py, the tests and docs/api.md all build through `build`, so the
-model, the optimizer, the method and the shardings fit together the same way everywhere.
+The run's loop, scripts/benchmark_step.py, the tests and docs/api.md all build through `build`,
+so the model, the optimizer, the method and the shardings fit together the same way everywhere.
+It reads the config and a description of the data (`DataShape`); it reads no data.
 """
 import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from conadv_jax import (attacks, conadv, evaluation, input_pipeline, models, optim, parallel,
-                        split_layout)
+from conadv_jax.method import attacks, conadv, evaluation, models, optim, parallel, split_layout
 
 
-def method_config(config: ml_collections.ConfigDict, num_classes: int) -> conadv.MethodConfig:
+if TYPE_CHECKING:
+  import ml_collections
+
+
+class DataShape(Protocol):
+  """What the method needs to know of the data; data.datasets.DatasetInfo is one."""
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train_examples: int
+  pixel_mean: tuple[float, ...]  # Per channel, 0-255 scale; the model subtracts it.
+  pixel_std: tuple[float, ...]
+
+
+def method_config(config: "ml_collections.ConfigDict", num_classes: int) -> conadv.MethodConfig:
   """What the train step computes, from the config's method and attack fields."""
   return conadv.MethodConfig(
       method=config.method, num_classes=num_classes, staleness=config.staleness,
@@ -31,8 +43,8 @@ def method_config(config: ml_collections.ConfigDict, num_classes: int) -> conadv
 @dataclasses.dataclass
 class Experiment:
   """The pieces of a run; the jitted functions are built (and compiled) on first use."""
-  config: ml_collections.ConfigDict
-  info: input_pipeline.DatasetInfo
+  config: "ml_collections.ConfigDict"
+  info: DataShape
   mesh: jax.sharding.Mesh
   model: Any
   forward: conadv.ForwardFn
@@ -125,7 +137,7 @@ class Experiment:
             parallel.num_batch_shards(self.mesh))
 
 
-def build(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+def build(config: "ml_collections.ConfigDict", info: DataShape,
           mesh: jax.sharding.Mesh | None = None) -> Experiment:
   """Everything a run of `config` on data `info` needs, on `mesh` (default: all devices).
 
@@ -137,10 +149,10 @@ def build(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
     raise ValueError(f"config.task_layout={config.task_layout!r} but the mesh given has axes "
                      f"{mesh.axis_names} (layout {parallel.layout_of(mesh)!r}); make it with "
                      f"parallel.make_mesh(devices, {config.task_layout!r}).")
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
+  steps_per_epoch = optim.steps_per_epoch(config.batch_size, info.num_train_examples)
   total_steps = optim.total_train_steps(config, steps_per_epoch)
   tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch, total_steps)
-  model = models.create_model_from_config(config, info.spec, mesh.size)
+  model = models.create_model_from_config(config, info, mesh.size)
   method = method_config(config, info.num_classes)
   if config.task_layout == "split":
     split_layout.check_method(method)

@@ -52,7 +52,7 @@ import math
 
 import tensorflow as tf
 
-from conadv_jax import datasets
+from conadv_jax.data import datasets
 
 # The top of the level scale. Its one definition is in the registry, which imports no TensorFlow,
 # so config validation can bound config.randaugment_magnitude before TensorFlow is loaded.

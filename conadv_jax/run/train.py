@@ -21,8 +21,11 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from conadv_jax import (checkpointing, config_history, config_validation, errors, evaluation,
-                        experiment, input_pipeline, parallel, workdir as workdirs)
+from conadv_jax import errors
+from conadv_jax.data import input_pipeline
+from conadv_jax.method import experiment, parallel
+from conadv_jax.run import (checkpointing, config_history, config_validation, evaluate,
+                            workdir as workdirs)
 
 T = TypeVar("T")
 
@@ -167,7 +170,7 @@ def _check_fifo_memory(exp: experiment.Experiment) -> None:
   logging.info("Adversarial FIFO: %d batches of %s, %.1f MiB per device, and %.1f MiB of "
                "look-ahead input batches.", tau, exp.batch_shape, fifo / mib, lookahead / mib)
   if limit and fifo + lookahead > limit:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         f"config.staleness={tau} is not allowed: it needs {(fifo + lookahead) / mib:.3f} MiB "
         f"per device, more than {limit / mib:.3f} MiB ({source}): the adversarial FIFO "
         f"({fifo / mib:.3f} MiB: {tau} x {exp.batch_shape} uint8 images and their int32 labels "
@@ -225,18 +228,10 @@ def _check_finite(step: int, metrics: dict[str, float],
         f"{checkpointer.directory}. Lower learning_rate or check the data.")
 
 
-def evaluate(exp: experiment.Experiment, state: Any) -> dict[str, float]:
-  """One pass over the eval split with `state`'s main BN."""
-  batches = input_pipeline.shard_and_prefetch(
-      input_pipeline.eval_batches(exp.config, exp.info), parallel.batch_sharding(exp.mesh),
-      exp.config.prefetch_to_device)
-  return evaluation.evaluate(exp.eval_step, state, batches)
-
-
 def _periodic_eval(exp: experiment.Experiment, run: _Run,
                    writer: metric_writers.MetricWriter) -> None:
   """Evaluates at run.step and notes it in the record, so a resume knows it was done."""
-  results = evaluate(exp, run.state)
+  results = evaluate.evaluate(exp, run.state)
   writer.write_scalars(run.step, {f"eval/{k}": v for k, v in results.items()})
   run.record["last_eval_step"] = run.step
 
@@ -341,9 +336,9 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
   final = run.record.get("final_eval", {})
   eval_results = final.get("results") if final.get("step") == run.step else None
   if eval_results is None:  # Every process decides alike: the record is the checkpoint's.
-    eval_results = evaluate(exp, run.state)
+    eval_results = evaluate.evaluate(exp, run.state)
     # PGD only here: periodic evals keep their cost; robust_top1 is a final-parameters number.
-    robust = evaluation.robust_top1(exp.config, exp.info, exp.mesh, exp.forward, run.state)
+    robust = evaluate.robust_top1(exp, run.state)
     if robust is not None:
       eval_results["robust_top1"] = robust
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
@@ -351,7 +346,7 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
     run.record["last_eval_step"] = run.step  # A longer rerun must not evaluate this step again.
   final_eval = run.record["final_eval"]
   if "sharpness" not in final_eval:  # Also a finished run measured before sharpness existed.
-    final_eval["sharpness"] = evaluation.final_sharpness(exp.config, exp.info, exp.mesh,
+    final_eval["sharpness"] = evaluate.final_sharpness(exp.config, exp.info, exp.mesh,
                                                          exp.forward, run.state)
   checkpointer.save(run.step, run.state, run.record, force=True)
   checkpointer.wait_until_finished()

@@ -6,7 +6,7 @@ Two task layouts (config.task_layout):
   of vanilla and DisAdv) on its slice of the batch. State replicated, batches and the
   adversarial FIFO sharded over "data".
 * "split": a 2-D mesh ("task", "data") of shape (2, N/2). Devices of task 0 run task A, devices
-  of task 1 run task B, at the same time (conadv_jax/split_layout.py). The same shardings apply
+  of task 1 run task B, at the same time (conadv_jax/method/split_layout.py). The same shardings apply
   unchanged: a PartitionSpec that does not name "task" is replicated over it, so each batch and
   the FIFO are sharded over "data" and held by both devices of a "data" column.
 
@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conadv_jax import errors
-from conadv_jax.conadv import TrainState
+from conadv_jax.method.conadv import TrainState
 
 DATA_AXIS = "data"
 TASK_AXIS = "task"

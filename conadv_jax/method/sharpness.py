@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from conadv_jax import losses
-from conadv_jax.conadv import ForwardFn
-from conadv_jax.norm import MAIN
+from conadv_jax.method import losses
+from conadv_jax.method.conadv import ForwardFn
+from conadv_jax.method.norm import MAIN
 
 LossFn = Callable[[Any], jax.Array]  # params -> scalar loss.
 

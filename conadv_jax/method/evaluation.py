@@ -13,26 +13,21 @@ Two adversarial numbers, for two questions:
                in the ε-ball (Madry et al.'s recipe): a model-independent yardstick, so methods
                trained with different attacks (or none) are compared under the same threat.
 """
-import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from conadv_jax import attacks, input_pipeline, losses, parallel, sharpness
-from conadv_jax.conadv import Batch, ForwardFn, MethodConfig, TrainState
-from conadv_jax.norm import MAIN
+from conadv_jax.method import attacks, losses
+from conadv_jax.method.conadv import Batch, ForwardFn, MethodConfig, TrainState
+from conadv_jax.method.norm import MAIN
 
 # Folded into the state's key to give the root of the evaluation attacks; far from any training
 # batch index (the training attack on batch i uses fold_in(rng, i)).
 _EVAL_RNG_OFFSET = 2**30
 # The root of the robust (PGD) evaluation's random starts: another stream than the eval attack's.
 _ROBUST_RNG_OFFSET = 2**30 + 2**29
-# The power iteration's starting vector: fixed, so every run's sharpness is measured alike.
-_SHARPNESS_START_SEED = 0
 # Madry et al.'s step rule: 2.5·ε/steps lets a walk reach the ε-ball's far side from the random
 # start with room to spare, whatever the number of steps.
 PGD_STEP_FACTOR = 2.5
@@ -41,7 +36,7 @@ PGD_STEP_FACTOR = 2.5
 def example_indices(batch: Batch, batch_index: jax.Array) -> jax.Array:
   """Each row's index in the eval split: batch['index'], else its position in the batch stream.
 
-  input_pipeline.eval_batches gives 'index', the same for any number of processes and devices.
+  The eval pipeline gives 'index', the same for any number of processes and devices.
   The fallback batch_index * batch_size + row, for hand-made batches, equals it when one process
   reads the split in order in equal batches.
   """
@@ -115,19 +110,6 @@ def make_robust_eval_step(forward: ForwardFn, num_classes: int, pgd: attacks.Att
   return robust_step
 
 
-def robust_top1(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
-                mesh: jax.sharding.Mesh, forward: ForwardFn, state: TrainState) -> float | None:
-  """Top-1 on the whole eval split under config's PGD; None when eval_pgd_steps is 0 (off)."""
-  if not config.eval_pgd_steps:
-    return None
-  pgd = robust_attack_config(config.eval_pgd_epsilon, config.eval_pgd_steps)
-  step = jax.jit(make_robust_eval_step(forward, info.num_classes, pgd))
-  batches = input_pipeline.shard_and_prefetch(
-      input_pipeline.eval_batches(config, info), parallel.batch_sharding(mesh),
-      config.prefetch_to_device)
-  return evaluate(step, state, batches)["robust_top1"]
-
-
 def make_eval_step(forward: ForwardFn, cfg: MethodConfig, adversarial: bool):
   """eval_step(state, batch, batch_index) -> dict of masked sums over the batch.
 
@@ -172,61 +154,3 @@ def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[Batch]) -
   return means | {"num_examples": int(count)}
 
 
-def train_subset(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
-                 num_examples: int) -> Batch:
-  """The first `num_examples` of the train split, un-augmented, in split order (numpy).
-
-  A fixed set of training examples, the same for every run, batch size, seed and process count
-  (every process reads them all), for measurements of the training loss at the final
-  parameters such as its Hessian's top eigenvalue. Read by the eval pipeline pointed at the train
-  split: eval preprocessing, no shuffle, no augmentation.
-
-  Raises:
-    ValueError: the train split has fewer than `num_examples` examples.
-  """
-  if num_examples > info.num_train_examples:
-    raise ValueError(f"{num_examples} training examples asked for; {config.dataset} has "
-                     f"{info.num_train_examples}.")
-  as_eval = dataclasses.replace(
-      info, spec=dataclasses.replace(info.spec, eval_split=info.spec.train_split),
-      # Generated data numbers eval examples after the train ones; start from 0 instead.
-      num_train_examples=0, num_eval_examples=info.num_train_examples)
-  images, labels, count = [], [], 0
-  for batch in input_pipeline.eval_batches(config, as_eval, process_index=0, process_count=1):
-    real = batch["mask"] > 0
-    images.append(batch["image"][real])
-    labels.append(batch["label"][real])
-    count += int(real.sum())
-    if count >= num_examples:
-      break
-  return {"image": np.concatenate(images)[:num_examples],
-          "label": np.concatenate(labels)[:num_examples]}
-
-
-def final_sharpness(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
-                    mesh: jax.sharding.Mesh, forward: ForwardFn,
-                    state: TrainState) -> dict[str, Any] | None:
-  """results.json's "sharpness": the training loss's top Hessian eigenvalue at `state`.
-
-  None when config.sharpness_num_examples is 0 (off). The loss is the training cross-entropy
-  (with the run's label smoothing) over train_subset's fixed examples, main BN in inference mode
-  (see sharpness.py for why), and power iteration starts from a fixed vector, so two runs are
-  measured alike. Every process computes the same number from the same (replicated) inputs.
-  """
-  num_examples = config.sharpness_num_examples
-  if not num_examples:
-    return None
-  subset = train_subset(config, info, num_examples)
-  replicated = parallel.replicated(mesh)
-  images, labels = (jax.make_array_from_process_local_data(replicated, subset[key])
-                    for key in ("image", "label"))
-  loss = sharpness.make_training_loss(forward, state.batch_stats, images, labels,
-                                      chunk_size=min(config.eval_batch_size, num_examples),
-                                      label_smoothing=config.label_smoothing)
-  result = sharpness.top_hessian_eigenvalue(loss, state.params,
-                                            num_iterations=config.sharpness_iterations,
-                                            rng=jax.random.PRNGKey(_SHARPNESS_START_SEED))
-  change = result.relative_change
-  return {"top_hessian_eigenvalue": result.eigenvalue, "iterations": result.num_iterations,
-          "relative_change": change if np.isfinite(change) else None,
-          "num_examples": num_examples}

@@ -32,6 +32,8 @@ import jax
 import numpy as np
 import optax
 
+from conadv_jax import errors
+
 OPTIMIZERS = ("lars", "sgd", "lamb")
 SCHEDULES = ("cosine", "polynomial")
 
@@ -52,6 +54,21 @@ def decay_mask(params: Any) -> Any:
     params: the parameter pytree (or updates with the same structure).
   """
   return jax.tree.map(lambda x: len(np.shape(x)) > 1, params)
+
+
+def steps_per_epoch(batch_size: int, num_train_examples: int) -> float:
+  """Global steps in one epoch, N / B, not floored: batches run on across epoch boundaries.
+
+  The one place that turns examples into steps; schedules count in fractional epochs (the
+  reference's 91 epochs at 32K are 3,558 steps).
+
+  Raises:
+    ConfigError: the global batch is larger than the training set.
+  """
+  if batch_size > num_train_examples:
+    raise errors.ConfigError(f"config.batch_size={batch_size} is larger than the "
+                             f"{num_train_examples} training examples; lower it.")
+  return num_train_examples / batch_size
 
 
 def total_train_steps(config: Any, steps_per_epoch: float) -> int:

@@ -27,10 +27,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import ml_collections
 
-from conadv_jax import norm
-from conadv_jax.datasets import DatasetSpec
+from conadv_jax.method import norm
 
 MODEL_INITS = ("flax", "reference")  # See the module docstring.
 
@@ -124,7 +122,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int]
   block_cls: Any
   num_classes: int
-  pixel_mean: Sequence[float]  # Per channel, 0-255 scale (datasets.DatasetSpec).
+  pixel_mean: Sequence[float]  # Per channel, 0-255 scale (the dataset registry's).
   pixel_std: Sequence[float]
   width: int = 64
   small_inputs: bool = False
@@ -168,7 +166,7 @@ class MLP(nn.Module):
   """
   widths: Sequence[int]
   num_classes: int
-  pixel_mean: Sequence[float]  # Per channel, 0-255 scale (datasets.DatasetSpec).
+  pixel_mean: Sequence[float]  # Per channel, 0-255 scale (the dataset registry's).
   pixel_std: Sequence[float]
   bn_branches: Sequence[str] = (norm.MAIN, norm.ADV)
   bn_group_size: int | None = None
@@ -265,16 +263,16 @@ def per_device_bn_group_size(bn_group_size: int | None, global_batch: int,
   return bn_group_size or global_batch // num_devices
 
 
-def create_model_from_config(config: ml_collections.ConfigDict, spec: DatasetSpec,
-                             num_devices: int) -> ResNet | MLP:
-  """The model a config describes for dataset `spec`, with BN groups resolved for `num_devices`.
+def create_model_from_config(config: Any, data: Any, num_devices: int) -> ResNet | MLP:
+  """The model a config describes for `data` (its num_classes and pixel statistics, e.g. an
+  experiment.DataShape), with BN groups resolved for `num_devices`.
 
   Its BN sets are the ones the config's method uses: no adv set for vanilla, an aug set when
   config.aug_branch is on (bn_branches).
   """
   return create_model(
-      config.model, num_classes=spec.num_classes, pixel_mean=spec.pixel_mean,
-      pixel_std=spec.pixel_std, dtype=config.dtype,
+      config.model, num_classes=data.num_classes, pixel_mean=data.pixel_mean,
+      pixel_std=data.pixel_std, dtype=config.dtype,
       bn_group_size=per_device_bn_group_size(config.bn_group_size,
                                              config.batch_size // config.grad_accum_steps,
                                              num_devices),

@@ -7,6 +7,7 @@ is read (validation, step arithmetic in docs); the run itself uses the counts of
 (`input_pipeline.DatasetInfo`). This module imports no TensorFlow, so validation stays fast.
 """
 import dataclasses
+from typing import Any
 
 import ml_collections
 
@@ -111,6 +112,35 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the loop need to know about a dataset, resolved once per run.
+
+  Attributes:
+    spec: the registry entry; its num_classes and pixel statistics are what the model uses.
+    num_classes: label count of the prepared data (equal to spec.num_classes, checked).
+    image_shape: (H, W, C) of model inputs after preprocessing.
+    num_train_examples: examples in the prepared train split.
+    num_eval_examples: examples in the prepared eval split.
+    builder: the prepared TFDS builder (None for generated data), kept so that the pipelines
+      neither resolve nor re-read it.
+  """
+  spec: DatasetSpec
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train_examples: int
+  num_eval_examples: int
+  builder: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+  @property
+  def pixel_mean(self) -> tuple[float, ...]:
+    return self.spec.pixel_mean
+
+  @property
+  def pixel_std(self) -> tuple[float, ...]:
+    return self.spec.pixel_std
+
+
 class UnknownDatasetError(errors.UserError, ValueError):
   """config.dataset names no registry entry."""
 
@@ -118,14 +148,6 @@ class UnknownDatasetError(errors.UserError, ValueError):
 def synthetic_num_eval_examples(num_train_examples: int) -> int:
   """Synthetic eval split size: a quarter of the train split, at least one example."""
   return max(num_train_examples // 4, 1)
-
-
-def steps_per_epoch(batch_size: int, num_train_examples: int) -> float:
-  """Global steps in one epoch, N / B, not floored: batches run on across epoch boundaries.
-
-  Schedules count in fractional epochs (the reference's 91 epochs at 32K are 3,558 steps).
-  """
-  return num_train_examples / batch_size
 
 
 def get_spec(config: ml_collections.ConfigDict) -> DatasetSpec:

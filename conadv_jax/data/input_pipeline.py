@@ -30,10 +30,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conadv_jax import augment
-from conadv_jax import datasets
+from conadv_jax.data import augment
+from conadv_jax.data import datasets
 from conadv_jax import errors
-from conadv_jax import fashion_mnist
+from conadv_jax.data import fashion_mnist
 
 Batch = dict[str, np.ndarray]
 
@@ -66,34 +66,12 @@ class InputConfigError(errors.UserError, ValueError):
 # Dataset resolution.
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the model and the loop need to know about a dataset, resolved once per run.
-
-  Attributes:
-    spec: the registry entry; its num_classes and pixel statistics are what the model uses.
-    num_classes: label count of the prepared data (equal to spec.num_classes, checked).
-    image_shape: (H, W, C) of model inputs after preprocessing.
-    num_train_examples: examples in the prepared train split.
-    num_eval_examples: examples in the prepared eval split.
-    builder: the prepared TFDS builder (None for generated data), kept so that the pipelines
-      neither resolve nor re-read it.
-  """
-  spec: datasets.DatasetSpec
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_train_examples: int
-  num_eval_examples: int
-  builder: tfds.core.DatasetBuilder | None = dataclasses.field(
-      default=None, compare=False, repr=False)
-
-
-def published_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """The DatasetInfo the registry's published sizes give, without data: for generated data,
+def published_info(config: ml_collections.ConfigDict) -> datasets.DatasetInfo:
+  """The datasets.DatasetInfo the registry's published sizes give, without data: for generated data,
   and for shape-only work (memory estimates, building a preset's state to inspect it)."""
   spec = datasets.get_spec(config)
   size = _image_size(config, spec)
-  return DatasetInfo(spec=spec, num_classes=spec.num_classes,
+  return datasets.DatasetInfo(spec=spec, num_classes=spec.num_classes,
                      image_shape=(size, size, spec.channels),
                      num_train_examples=spec.num_train_examples,
                      num_eval_examples=spec.num_eval_examples)
@@ -231,7 +209,7 @@ def _prepared_builder(config: ml_collections.ConfigDict, spec: datasets.DatasetS
 
 
 def get_dataset_info(config: ml_collections.ConfigDict, *, process_index: int | None = None,
-                     process_count: int | None = None) -> DatasetInfo:
+                     process_count: int | None = None) -> datasets.DatasetInfo:
   """Resolves config.dataset once: registry entry and prepared data, checked against each other.
 
   Prepares the data first where that can be done here (fashion_mnist from IDX files, TFDS
@@ -266,9 +244,9 @@ def get_dataset_info(config: ml_collections.ConfigDict, *, process_index: int | 
         f"The prepared data in {builder.data_path} has {num_classes} classes and {channels} "
         f"channels, but the registry entry datasets.DATASETS[{spec.name!r}] says "
         f"{spec.num_classes} and {spec.channels}. If that folder holds some other data, delete "
-        f"it and run again; if the entry is wrong, fix it in conadv_jax/datasets.py.")
+        f"it and run again; if the entry is wrong, fix it in conadv_jax/data/datasets.py.")
   splits = builder.info.splits
-  return DatasetInfo(
+  return datasets.DatasetInfo(
       spec=spec,
       num_classes=num_classes,
       image_shape=(size, size, channels),
@@ -277,27 +255,11 @@ def get_dataset_info(config: ml_collections.ConfigDict, *, process_index: int | 
       builder=builder)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, info: DatasetInfo) -> float:
-  """Global training steps (batches of config.batch_size) per epoch: N / B, not floored.
-
-  Batches run on across epoch boundaries, so an epoch can end inside a step.
-
-  Raises:
-    InputConfigError: the global batch is larger than the training set.
-  """
-  steps = datasets.steps_per_epoch(config.batch_size, info.num_train_examples)
-  if steps < 1:
-    raise InputConfigError(
-        f"config.batch_size={config.batch_size} is larger than the {info.num_train_examples} "
-        f"training examples of {config.dataset}; lower it.")
-  return steps
-
-
 # ------------------------------------------------------------------------------------------------
 # The data order.
 
 
-def data_order_key(config: ml_collections.ConfigDict, info: DatasetInfo,
+def data_order_key(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                    process_count: int | None = None) -> str | None:
   """None when global batch t holds the same examples for any process count, else the layout.
 
@@ -314,7 +276,7 @@ def data_order_key(config: ml_collections.ConfigDict, info: DatasetInfo,
   return f"{info.spec.name}: TFDS file slices over {count} process{'es' if count > 1 else ''}"
 
 
-def _global_order(config: ml_collections.ConfigDict, info: DatasetInfo) -> bool:
+def _global_order(config: ml_collections.ConfigDict, info: datasets.DatasetInfo) -> bool:
   return info.spec.source == "synthetic" or info.spec.fits_in_memory or config.cache
 
 
@@ -330,7 +292,7 @@ def _even_slice(num_examples: int, index: int, count: int) -> tuple[int, int]:
 
 
 def _synthetic_example(config: ml_collections.ConfigDict,
-                       info: DatasetInfo) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+                       info: datasets.DatasetInfo) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
   """example(index): uniform uint8 noise and a uniform label, generated from (seed, index)."""
   size, _, channels = info.image_shape
   num_classes = info.num_classes
@@ -346,7 +308,7 @@ def _synthetic_example(config: ml_collections.ConfigDict,
   return example
 
 
-def _decode_fn(info: DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+def _decode_fn(info: datasets.DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
   """Stored example -> {'image': pixels (JPEGs stay encoded: decoded with the crop), 'label'}."""
   image_feature = info.builder.info.features["image"]
 
@@ -365,7 +327,7 @@ def _read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
                          skip_prefetch=True)
 
 
-def _tfds_split(info: DatasetInfo, split: str) -> tf.data.Dataset:
+def _tfds_split(info: datasets.DatasetInfo, split: str) -> tf.data.Dataset:
   """A TFDS split (name or slice) of decodable examples, in the prepared order."""
   return info.builder.as_dataset(split=split, shuffle_files=False,
                                  decoders={"image": tfds.decode.SkipDecoding()},
@@ -373,7 +335,7 @@ def _tfds_split(info: DatasetInfo, split: str) -> tf.data.Dataset:
                                                                  tf.data.AUTOTUNE)
 
 
-def _load_train_split(info: DatasetInfo) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+def _load_train_split(info: datasets.DatasetInfo) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
   """example(index) from the whole train split, read once into this process's memory.
 
   Pixels for decoded datasets, encoded bytes for JPEGs. Read in the prepared files' order,
@@ -412,7 +374,7 @@ def _example_seed(config: ml_collections.ConfigDict, position: tf.Tensor | int,
 
 
 def _aug_view(config: ml_collections.ConfigDict,
-              info: DatasetInfo) -> Callable[[dict[str, tf.Tensor], tf.Tensor], tf.Tensor] | None:
+              info: datasets.DatasetInfo) -> Callable[[dict[str, tf.Tensor], tf.Tensor], tf.Tensor] | None:
   """The augmented view of config.aug_branch (None when off): see augment.aug_view_fn."""
   if config.aug_branch == "none":
     return None
@@ -423,7 +385,7 @@ def _aug_view(config: ml_collections.ConfigDict,
   return augment.aug_view_fn(info.spec.augmentation, size, policy)
 
 
-def _train_preprocess(config: ml_collections.ConfigDict, info: DatasetInfo
+def _train_preprocess(config: ml_collections.ConfigDict, info: datasets.DatasetInfo
                       ) -> Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]:
   """preprocess(example, seed) -> model inputs: uint8 'image', int32 'label', 'aug_image'."""
   size = info.image_shape[0]
@@ -441,7 +403,7 @@ def _train_preprocess(config: ml_collections.ConfigDict, info: DatasetInfo
   return preprocess
 
 
-def _eval_preprocess(info: DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+def _eval_preprocess(info: datasets.DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
   eval_fn = augment.eval_fn(info.spec.augmentation, info.image_shape[0])
 
   def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -455,7 +417,7 @@ def _eval_preprocess(info: DatasetInfo) -> Callable[[dict[str, tf.Tensor]], dict
 # The train stream: this process's examples, one dataset over all epochs.
 
 
-def _train_examples(config: ml_collections.ConfigDict, info: DatasetInfo, process_index: int,
+def _train_examples(config: ml_collections.ConfigDict, info: datasets.DatasetInfo, process_index: int,
                     process_count: int, first: int) -> tf.data.Dataset:
   """This process's preprocessed train examples from its `first` on, in batch order, endless."""
   if _global_order(config, info):
@@ -463,7 +425,7 @@ def _train_examples(config: ml_collections.ConfigDict, info: DatasetInfo, proces
   return _file_slices(config, info, process_index, process_count, first)
 
 
-def _globally_ordered(config: ml_collections.ConfigDict, info: DatasetInfo, process_index: int,
+def _globally_ordered(config: ml_collections.ConfigDict, info: datasets.DatasetInfo, process_index: int,
                       process_count: int, first: int) -> tf.data.Dataset:
   """Global batch t = examples [tB, (t+1)B) of the concatenated per-epoch permutations.
 
@@ -490,7 +452,7 @@ def _globally_ordered(config: ml_collections.ConfigDict, info: DatasetInfo, proc
   return tf.data.Dataset.counter(first).map(make, tf.data.AUTOTUNE)
 
 
-def _file_slices(config: ml_collections.ConfigDict, info: DatasetInfo, process_index: int,
+def _file_slices(config: ml_collections.ConfigDict, info: datasets.DatasetInfo, process_index: int,
                  process_count: int, first: int) -> tf.data.Dataset:
   """Each process's own slice of the split's files, each epoch reshuffled within a window.
 
@@ -554,11 +516,11 @@ def _file_slices(config: ml_collections.ConfigDict, info: DatasetInfo, process_i
   return positions.map(make, tf.data.AUTOTUNE)
 
 
-def _data_dir(info: DatasetInfo) -> str:
+def _data_dir(info: datasets.DatasetInfo) -> str:
   return str(info.builder.data_path.parent.parent)  # DATA_DIR/NAME/VERSION.
 
 
-def _numpy_batches(ds: tf.data.Dataset, info: DatasetInfo) -> Iterator[Batch]:
+def _numpy_batches(ds: tf.data.Dataset, info: datasets.DatasetInfo) -> Iterator[Batch]:
   """Iterates `ds`, turning read errors of a prepared copy into CorruptDataError."""
   try:
     yield from ds.as_numpy_iterator()
@@ -628,7 +590,7 @@ def _hide_gpus_from_tf() -> None:
 
 
 def train_batches(config: ml_collections.ConfigDict,
-                  info: DatasetInfo,
+                  info: datasets.DatasetInfo,
                   *,
                   start_step: int = 0,
                   process_index: int | None = None,
@@ -660,7 +622,10 @@ def train_batches(config: ml_collections.ConfigDict,
   local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  steps_per_epoch(config, info)  # Refuses a batch larger than the split.
+  if config.batch_size > info.num_train_examples:
+    raise InputConfigError(
+        f"config.batch_size={config.batch_size} is larger than the {info.num_train_examples} "
+        f"training examples of {config.dataset}; lower it.")
 
   def generate() -> Iterator[Batch]:
     # Built at the first next(), so that reading a split into memory happens while iterating.
@@ -672,7 +637,7 @@ def train_batches(config: ml_collections.ConfigDict,
 
 
 def eval_batches(config: ml_collections.ConfigDict,
-                 info: DatasetInfo,
+                 info: datasets.DatasetInfo,
                  *,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[Batch]:

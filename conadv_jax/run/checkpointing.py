@@ -33,7 +33,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from conadv_jax import config_history, errors
+from conadv_jax import errors
+from conadv_jax.run import config_history
 
 DAMAGED_DIR = "checkpoints_damaged"
 

@@ -15,8 +15,8 @@ import math
 
 import tensorflow as tf
 
-from conadv_jax import autoaugment
-from conadv_jax import datasets
+from conadv_jax.data import autoaugment
+from conadv_jax.data import datasets
 
 Example = dict[str, tf.Tensor]
 TrainFn = Callable[[Example, tf.Tensor], Example]

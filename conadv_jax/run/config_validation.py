@@ -13,17 +13,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from conadv_jax import (attacks, config_history, conadv, datasets, errors, models, optim,
-                        parallel)
-
-
-class ConfigError(errors.UserError, ValueError):
-  """A config field has a value the run cannot use."""
+from conadv_jax import errors
+from conadv_jax.data import datasets
+from conadv_jax.method import attacks, conadv, models, optim, parallel
+from conadv_jax.run import config_history
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
   if not ok:
-    raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
+    raise errors.ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
 
 
 _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
@@ -126,11 +124,11 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], tuple[Callable[[Any], bool], str]
 def _check_fields(flat: dict[str, Any]) -> None:
   unknown = sorted(set(flat) - set(FIELD_RULES))
   if unknown:
-    raise ConfigError(f"config.{unknown[0]} is not a known field (known: "
+    raise errors.ConfigError(f"config.{unknown[0]} is not a known field (known: "
                       f"{', '.join(sorted(FIELD_RULES))}); check its spelling.")
   for field, (types, (check, allowed)) in FIELD_RULES.items():
     if field not in flat:
-      raise ConfigError(f"config.{field} is missing; start the config file from "
+      raise errors.ConfigError(f"config.{field} is missing; start the config file from "
                         "configs/default.py's get_config().")
     value = flat[field]
     # bool is an int to Python; a flag for a number must not pass as one.
@@ -142,7 +140,7 @@ def _check_fields(flat: dict[str, Any]) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError for the first invalid field; needs no data and compiles nothing."""
+  """Raises errors.ConfigError for the first invalid field; needs no data and compiles nothing."""
   _check_fields(config_history.flatten(config))
   _require(config.method == "conadv" or config.staleness == 0, "staleness", config.staleness,
            f"staleness > 0 needs method='conadv' (method is {config.method!r}); "
@@ -192,9 +190,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 def _check_run_length(config: ml_collections.ConfigDict, num_train_examples: int) -> None:
   """The run's step count, computed as the run computes it, must be positive; and what is read
   from the train split after training must be in it (else it fails after all the training)."""
-  steps_per_epoch = datasets.steps_per_epoch(config.batch_size, num_train_examples)
-  _require(steps_per_epoch >= 1, "batch_size", config.batch_size,
+  _require(config.batch_size <= num_train_examples, "batch_size", config.batch_size,
            f"it exceeds the {num_train_examples} training examples of {config.dataset}")
+  steps_per_epoch = optim.steps_per_epoch(config.batch_size, num_train_examples)
   try:
     optim.total_train_steps(config, steps_per_epoch)
   except ValueError:
@@ -235,14 +233,14 @@ def check_same_on_all_processes(config: ml_collections.ConfigDict) -> None:
   summary = np.asarray([len(names), digest(" ".join(names))], np.int32)
   summaries = np.asarray(multihost_utils.process_allgather(summary))
   if not np.all(summaries == summaries[0]):
-    raise ConfigError("The processes of this run have configs with different fields; start "
+    raise errors.ConfigError("The processes of this run have configs with different fields; start "
                       "every process with the same --config file and overrides.")
   per_field = np.asarray([digest(json.dumps(flat[n], sort_keys=True)) for n in names], np.int32)
   gathered = np.asarray(multihost_utils.process_allgather(per_field))
   differing = [n for i, n in enumerate(names) if not np.all(gathered[:, i] == gathered[0, i])]
   if differing:
     me = jax.process_index()
-    raise ConfigError(
+    raise errors.ConfigError(
         f"The processes of this run were started with different configs (fields "
         f"{', '.join('config.' + n for n in differing)}; this is process {me}, with "
         f"{', '.join(f'{n}={flat[n]!r}' for n in differing)}). Every process must get the same "

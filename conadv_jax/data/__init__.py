@@ -1,0 +1,1 @@
+"""The data: dataset registry, preparation, the stateless data order and tf.data pipelines."""

@@ -1,0 +1,1 @@
+"""The run: the loop, evaluation over data, checkpoints, the workdir and config checks."""
