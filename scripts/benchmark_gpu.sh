@@ -1,12 +1,10 @@
 #!/bin/bash
-# ConAdv step and task timings on one accelerator (issue 11, item 4: "when the device tool lends
-# an accelerator, measure there too and record the numbers with the command").
+# ConAdv step and task timings on one accelerator, each with the command that made it.
 #
-# Needs jax (with the accelerator's plugin), flax, optax and ml_collections. The H200 lent to
-# this project had no TensorFlow, TFDS, ml_collections or clu: ml_collections 1.1.0 (pure
-# Python) was carried in .gpu_site/ (git-ignored), and scripts/without_tensorflow.py stands in
-# for tensorflow / tensorflow_datasets, which conadv_jax.data.input_pipeline imports at module level
-# but nothing on these code paths calls (a call raises). clu is imported only by train.py.
+# Needs jax (with the accelerator's plugin), flax, optax and ml_collections: the benchmarks import
+# the method part only, so a machine without TensorFlow, TFDS or clu runs them. Where
+# ml_collections is missing, put it (pure Python) in .gpu_site/ (git-ignored); it is added to
+# PYTHONPATH below.
 #
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=500 MEMORY=1 bash scripts/benchmark_gpu.sh
 #
@@ -57,9 +55,8 @@ stage 0 "environment"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 timeout 120 "$PY" - >> "$OUT/env.txt" 2>&1 <<'PYEOF'
-import runpy, sys, time
+import sys, time
 t = time.time()
-runpy.run_path("scripts/without_tensorflow.py", run_name="no_tf")  # The stand-ins, then conadv_jax imports.
 import importlib.util
 import jax, jax.numpy as jnp, flax, optax, ml_collections, numpy
 spec = importlib.util.spec_from_file_location("bs", "scripts/benchmark_step.py")
@@ -82,7 +79,7 @@ fi
 stage 1 "benchmark_step.py, batch $B_PAPER, vanilla/disadv/conadv"
 T1=$(( $(left) - 30 )); [ "$T1" -gt 240 ] && T1=240
 if [ "$T1" -gt 60 ]; then
-  go "$T1" bench_b${B_PAPER} "$PY" scripts/without_tensorflow.py scripts/benchmark_step.py $MODEL_FLAGS \
+  go "$T1" bench_b${B_PAPER} "$PY" scripts/benchmark_step.py $MODEL_FLAGS \
     --batch_size="$B_PAPER" --methods=vanilla,disadv,conadv --repeats=50 --warmup=5 \
     --json="$OUT/bench_b${B_PAPER}.json"
 else echo "skipped: too little time"; fi
@@ -90,7 +87,7 @@ else echo "skipped: too little time"; fi
 stage 2 "gpu_tasks.py, tasks alone at $TASK_ROWS rows"
 T2=$(( $(left) - 15 ))
 if [ "$T2" -gt 60 ]; then
-  go "$T2" tasks "$PY" scripts/without_tensorflow.py scripts/benchmark_tasks.py $MODEL_FLAGS \
+  go "$T2" tasks "$PY" scripts/benchmark_tasks.py $MODEL_FLAGS \
     --task_rows="$TASK_ROWS" --task_repeats=30 --task_warmup=5 --deadline_s=$(( T2 - 45 )) \
     --roofline_cores=128 --json="$OUT/tasks.json"
 else echo "skipped: too little time"; fi
@@ -98,7 +95,7 @@ else echo "skipped: too little time"; fi
 stage 3 "benchmark_step.py, batch $B_BIG, vanilla/conadv"
 T3=$(( $(left) - 5 ))
 if [ "$T3" -gt 150 ]; then
-  go "$T3" bench_b${B_BIG} "$PY" scripts/without_tensorflow.py scripts/benchmark_step.py $MODEL_FLAGS \
+  go "$T3" bench_b${B_BIG} "$PY" scripts/benchmark_step.py $MODEL_FLAGS \
     --batch_size="$B_BIG" --methods=vanilla,conadv --repeats=20 --warmup=3 \
     --json="$OUT/bench_b${B_BIG}.json"
 else echo "skipped: too little time"; fi
@@ -106,7 +103,7 @@ else echo "skipped: too little time"; fi
 stage 4 "memory_report.py conadv_aa_96k (MEMORY=${MEMORY:-0})"
 T4=$(( $(left) - 5 ))
 if [ "${MEMORY:-0}" = 1 ] && [ "$T4" -gt 120 ]; then
-  go "$T4" memory "$PY" scripts/without_tensorflow.py scripts/memory_report.py \
+  go "$T4" memory "$PY" scripts/memory_report.py \
     --config=configs/imagenet_resnet50.py:conadv_aa_96k --num_devices=8 --num_hosts=1 \
     --grad_accum_steps=128 --num_devices=1024 --num_hosts=128 --grad_accum_steps=1 \
     --measure_micro_batches=4,8 --json="$OUT/memory.json"

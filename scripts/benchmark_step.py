@@ -47,9 +47,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conadv_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conadv_jax.method import conadv, experiment, models, parallel, split_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conadv_jax.run import config_validation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "SmallResNet", list(models.MODEL_NAMES), "Model to time.")
@@ -153,6 +151,22 @@ def benchmark_config(method: str, layout: str = "shared", batch_size: int | None
   return config
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticData:
+  """An experiment.DataShape for uniform 0-255 noise: mean 127.5, std 255/sqrt(12)."""
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train_examples: int
+  pixel_mean: tuple[float, ...] = (127.5,)
+  pixel_std: tuple[float, ...] = (73.6,)
+
+
+def _synthetic_data(config: ml_collections.ConfigDict, channels: int) -> SyntheticData:
+  return SyntheticData(num_classes=config.synthetic_num_classes,
+                       image_shape=(config.image_size, config.image_size, channels),
+                       num_train_examples=config.synthetic_num_examples)
+
+
 def build(method: str, mesh: jax.sharding.Mesh, channels: int) -> Bench:
   """Builds (experiment.build, as training does), fills (ConAdv) and AOT-compiles one step.
 
@@ -160,10 +174,7 @@ def build(method: str, mesh: jax.sharding.Mesh, channels: int) -> Bench:
   """
   layout = parallel.layout_of(mesh)
   config = benchmark_config(method.removesuffix("_split"), layout)
-  config_validation.validate(config, num_devices=mesh.size)
-  info = input_pipeline.get_dataset_info(config)
-  info = dataclasses.replace(info, image_shape=(*info.image_shape[:2], channels))
-  exp = experiment.build(config, info, mesh)
+  exp = experiment.build(config, _synthetic_data(config, channels), mesh)
   state = exp.init_state()
   rng = np.random.RandomState(FLAGS.seed)
   sharding = parallel.batch_sharding(mesh)
@@ -191,9 +202,8 @@ def build(method: str, mesh: jax.sharding.Mesh, channels: int) -> Bench:
 def _experiment(method: str, rows: int, channels: int, group: int) -> experiment.Experiment:
   """An Experiment on the first device alone, with a batch of `rows` (one device's share)."""
   config = benchmark_config(method, batch_size=rows, bn_group_size=group)
-  info = input_pipeline.get_dataset_info(config)
-  info = dataclasses.replace(info, image_shape=(*info.image_shape[:2], channels))
-  return experiment.build(config, info, parallel.make_mesh(jax.local_devices()[:1]))
+  return experiment.build(config, _synthetic_data(config, channels),
+                          parallel.make_mesh(jax.local_devices()[:1]))
 
 
 def task_costs(rows: int, channels: int, group: int) -> dict[str, dict[str, float | None]]:

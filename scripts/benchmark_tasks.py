@@ -6,7 +6,7 @@ gradient all-reduce, so timing the tasks alone at r and 2r rows measures what th
 model in docs/performance.md only projects. Reuses scripts/benchmark_step.py (its flags, its
 _experiment builder, the same task functions as its --task_costs, and roofline_projection).
 
-  python3 scripts/without_tensorflow.py scripts/benchmark_tasks.py --model=ResNet50 --image_size=224 \
+  python3 scripts/benchmark_tasks.py --model=ResNet50 --image_size=224 \
       --num_classes=1000 --dtype=bfloat16 --task_rows=4,8 --json=$OUT/tasks.json
 
 Per task and row count: median ms with a sync after every call (as benchmark_step times

@@ -9,8 +9,6 @@ is read (validation, step arithmetic in docs); the run itself uses the counts of
 import dataclasses
 from typing import Any
 
-import ml_collections
-
 from conadv_jax import errors
 
 SOURCES = ("tfds", "fashion_mnist", "synthetic")  # See DatasetSpec.source.
@@ -141,7 +139,7 @@ class DatasetInfo:
     return self.spec.pixel_std
 
 
-class UnknownDatasetError(errors.UserError, ValueError):
+class UnknownDatasetError(errors.ConfigError):
   """config.dataset names no registry entry."""
 
 
@@ -150,8 +148,11 @@ def synthetic_num_eval_examples(num_train_examples: int) -> int:
   return max(num_train_examples // 4, 1)
 
 
-def get_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
+def get_spec(config: Any) -> DatasetSpec:
   """The spec of config.dataset, with generated data's config-given sizes filled in.
+
+  `config` is a ConfigDict or an `input_config.InputConfig`: only dataset and the synthetic_*
+  fields are read.
 
   Raises:
     UnknownDatasetError: config.dataset is not in DATASETS (the message lists the names).

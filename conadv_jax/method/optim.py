@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedules and the ImageNet large-batch recipe.
+"""Optimizers and learning-rate schedules.
 
 Three optimizers are built from optax (`config.optimizer`):
 
@@ -194,72 +194,3 @@ def create_optimizer(config: Any, steps_per_epoch: float,
   else:
     raise ValueError(f"Unknown config.optimizer={name!r}; expected one of {OPTIMIZERS}.")
   return tx, schedule
-
-
-# ResNet-50/ImageNet LARS settings of the reference code by global batch size:
-# (smallest batch of the bracket, peak LR, warmup epochs), largest bracket first.
-_LARS_BRACKETS = (
-    (65_536, 43.0, 41.0),
-    (32_768, 31.2, 25.0),
-    (16_384, 25.0, 5.0),
-    (0, 10.0, 5.0),
-)
-
-
-def imagenet_recipe(batch_size: int, optimizer: str = "lars") -> dict[str, Any]:
-  """Returns the reference code's ResNet-50/ImageNet optimisation settings for `batch_size`.
-
-  Keys are config field names, so a config can do `config.update(imagenet_recipe(B))`.
-  "lars" (the paper's large-batch runs): peak LR / warmup epochs by batch bracket (10/5 below
-  16K, 25/5 below 32K, 31.2/25 below 64K, 43/41 from 64K), momentum 0.92, weight decay 5e-5,
-  trust coefficient 0.001, eps 0, polynomial decay with power 1.6 to 0, label smoothing 0.1.
-  "sgd" (the reference's non-LARS path, meant for B < 16K): Nesterov momentum 0.92, peak LR
-  0.1 * B / 256, 5 warmup epochs, the same weight decay, no label smoothing. The reference then
-  divides the LR by 10 at 1/3, 2/3 and 8/9 of training; this module has no step schedule, so
-  cosine decay to 0 stands in for it.
-
-  Args:
-    batch_size: global number of clean examples per step.
-    optimizer: "lars" or "sgd".
-
-  Raises:
-    ValueError: for a non-positive batch size or another optimizer.
-  """
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
-  common = {
-      "batch_size": int(batch_size),
-      "momentum": 0.92,
-      "weight_decay": 5e-5,
-      "end_learning_rate": 0.0,
-      "lars_trust_coefficient": 0.001,
-      "lars_eps": 0.0,
-  }
-  if optimizer == "lars":
-    for min_batch, peak_lr, warmup_epochs in _LARS_BRACKETS:
-      if batch_size >= min_batch:
-        break
-    return {
-        **common,
-        "optimizer": "lars",
-        "learning_rate": peak_lr,
-        "warmup_epochs": warmup_epochs,
-        "lr_schedule": "polynomial",
-        "lr_decay_power": 1.6,
-        "nesterov": False,
-        "label_smoothing": 0.1,
-    }
-  if optimizer == "sgd":
-    if batch_size >= 16_384:
-      logging.warning("imagenet_recipe: the reference uses SGD only below 16K; batch %d should "
-                      "use LARS.", batch_size)
-    return {
-        **common,
-        "optimizer": "sgd",
-        "learning_rate": 0.1 * batch_size / 256,
-        "warmup_epochs": 5.0,
-        "lr_schedule": "cosine",
-        "nesterov": True,
-        "label_smoothing": 0.0,
-    }
-  raise ValueError(f"imagenet_recipe has no {optimizer!r} recipe; expected 'lars' or 'sgd'.")
