@@ -5,7 +5,7 @@ user must act on derives from `UserError`, so the entry point catches one type a
 status 2. Bugs stay ordinary exceptions with tracebacks.
 """
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -16,6 +16,21 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config field has a value the run cannot use; the message names it as config.FIELD."""
+
+
+def check_value(field: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+  """Raises ConfigError("config.FIELD=VALUE is not allowed: ALLOWED.") unless ok(value).
+
+  The one message shape of every owner of a config field. `field` is the dotted path
+  (attack.epsilon). A value `ok` cannot even compare (None where a number belongs, which a
+  type-safe ConfigDict lets through) is refused too, not turned into a traceback.
+  """
+  try:
+    passed = ok(value)
+  except TypeError:
+    passed = False
+  if not passed:
+    raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
 
 
 def stop_together(work: Callable[[], T], what: str) -> T:

@@ -1,11 +1,12 @@
-"""A tiny run of every part of the loop, for CI and for checking an install (~1 minute on CPU).
+"""A tiny run of every part of the loop, for CI and for checking an install.
 
   python main.py --config=configs/cpu_smoke.py:conadv --workdir=/tmp/smoke
 
 Synthetic data, a width-4 SmallResNet, 12 steps with a checkpoint every 4 and evals at 6 and 12.
-Expected: finishes, writes results.json; accuracy is chance level (the labels are random).
-Presets: vanilla, disadv, conadv (default), conadv2, and conadv_aa: ConAdv with the AutoAugment
-view (three branches, losses averaged as in the ImageNet recipe).
+Expected: finishes and writes results.json; accuracy is chance level (the labels are random).
+Time: about a minute on a CPU (README). Presets: vanilla, disadv, conadv (default), conadv2, and
+conadv_aa: ConAdv with the AutoAugment view (three branches, losses averaged as in the ImageNet
+recipe).
 """
 import ml_collections
 

@@ -6,16 +6,16 @@ the devices wait. This script measures the code that training runs, on data in t
 as the real imagenet2012, without needing the 150 GB original.
 
 1. Data. Unless --data_dir already holds it, writes a prepared TFDS `imagenet2012` (the builder
-   `input_pipeline` opens with `tfds.builder("imagenet2012", data_dir=...)`): TFRecord shards
-   written by TFDS's own `Writer` with the builder's own features (JPEG bytes, label,
-   file_name) and `dataset_info.json`, so TFDS reads it as a prepared copy and never downloads.
+   `prepare` opens with `tfds.builder("imagenet2012", data_dir=...)`): TFRecord shards written
+   by TFDS's own `Writer` with the builder's own features (JPEG bytes, label, file_name) and
+   `dataset_info.json`, so TFDS reads it as a prepared copy and never downloads.
    Images are real baseline JPEGs (quality 90) of random size (by default widths 300-500,
    heights 250-450, around ImageNet's typical 400x350) whose content (smooth colour fields,
    a ramp, a few flat shapes, mid- and fine-grained noise) compresses to about 100 KB, close
    to an ImageNet training JPEG; decode cost depends on pixel count and compressed bytes, so
    both are matched. Each file_name ends in WIDTHxHEIGHT.JPEG. A data_dir holding a prepared
    imagenet2012 that this script did not write (the real one, say) is read as it is.
-2. Pipelines. Runs `input_pipeline.train_batches` and `eval_batches` with the config of
+2. Pipelines. Runs `pipeline.train_batches` and `eval_batches` with the config of
    configs/imagenet_resnet50.py (--preset), with only data_dir and the batch sizes changed,
    as process --process_index of --process_count (one host of a multi-host job). When the
    config has an `aug_branch` field (an extra augmented view), the train pipeline is run again
@@ -57,6 +57,8 @@ JSON layout (`schema` "conadv_jax.benchmark_input/1"; keys are only ever added):
                       "boundary_fetch_s", "boundary_fetch_cpu_s", "boundary_ratio",
                       "meets_target", "batch"}},
    "skipped": {NAME: reason}}
+The "input_pipeline_*" code keys cover every module of conadv_jax/data: the folder, the sha256 of
+  their names and bytes, and whether none differs from HEAD.
 NAME is "train", "eval" and "train_aug" (the augmented branch). `images` counts real images
 (eval: mask 1) over all timed repeats; `batch` maps each key of a batch to [shape, dtype].
 `boundary_steps` are the global steps (train) or pass numbers (eval) of `boundary_fetch_s`;
@@ -100,13 +102,15 @@ import tensorflow_datasets as tfds
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # For configs/.
 from configs import imagenet_resnet50  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conadv_jax.data import datasets, input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.data import datasets, pipeline, prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conadv_jax.method import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SCHEMA = "conadv_jax.benchmark_input/1"
 MARKER = "conadv_benchmark_input.json"  # In the prepared folder: what this script wrote there.
 Batch = dict[str, np.ndarray]
-BOUNDARY_TARGET = 1.5  # Boundary batch fetch time / median fetch time (issue 9).
+# Target for the worst epoch-boundary batch fetch time over the median fetch time: the stream
+# must not stall when an epoch ends (docs/performance.md, "Input pipeline").
+BOUNDARY_TARGET = 1.5
 JPEG_QUALITY = 90
 
 FLAGS = flags.FLAGS
@@ -372,9 +376,9 @@ def measure_train(name: str, config: ml_collections.ConfigDict, info: datasets.D
   Raises:
     MissingKeyError: the first batch has no `required_key` (checked before any timing).
   """
-  batches = input_pipeline.train_batches(config, info, start_step=0,
-                                         process_index=FLAGS.process_index,
-                                         process_count=FLAGS.process_count)
+  batches = pipeline.train_batches(config, info, start_step=0,
+                                   process_index=FLAGS.process_index,
+                                   process_count=FLAGS.process_count)
   timings = _Timings()
   # The first (untimed) batch builds the pipeline; its layout is checked before any timing.
   batch = next(batches)
@@ -405,7 +409,7 @@ def measure_eval(config: ml_collections.ConfigDict,
     images = 0
     cpu_start, wall_start = _cpu_s(), time.perf_counter()
     # Built lazily inside the first fetch, so that building counts as the pass's boundary.
-    batches = _lazy(lambda: input_pipeline.eval_batches(
+    batches = _lazy(lambda: pipeline.eval_batches(
         config, info, process_index=FLAGS.process_index, process_count=FLAGS.process_count))
     boundary = repeat
     while True:
@@ -445,23 +449,25 @@ def _git(*args: str) -> bytes | None:
 
 
 def _code_info() -> dict[str, Any]:
-  """Which code was measured: HEAD, uncommitted changes, and the pipeline's own hash.
+  """Which code was measured: HEAD, uncommitted changes, and the data modules' own hash.
 
-  Others may be editing input_pipeline.py in the same working tree, so the commit alone does
-  not say what ran: the hash of the imported file, and whether it equals HEAD's, do.
+  Others may be editing conadv_jax/data in the same working tree, so the commit alone does not
+  say what ran: the hash of the imported modules, and whether they equal HEAD's, do.
   """
-  pipeline = pathlib.Path(input_pipeline.__file__).resolve()
-  digest = hashlib.sha256(pipeline.read_bytes()).hexdigest()
+  folder = pathlib.Path(pipeline.__file__).resolve().parent
+  digest = hashlib.sha256()
+  for path in sorted(folder.glob("*.py")):
+    digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
   commit = _git("rev-parse", "HEAD")
   dirty = _git("status", "--porcelain", "--", "conadv_jax", "configs")
-  at_head = _git("show", "HEAD:conadv_jax/data/input_pipeline.py")
+  data_changes = _git("status", "--porcelain", "--", str(folder))
   return {"git_commit": commit.decode().strip() if commit is not None else None,
           "git_dirty_paths": ([line[3:] for line in dirty.decode().splitlines()]
                               if dirty is not None else None),
-          "input_pipeline_path": str(pipeline),
-          "input_pipeline_sha256": digest,
-          "input_pipeline_is_head": (hashlib.sha256(at_head).hexdigest() == digest
-                                     if at_head is not None else None)}
+          "input_pipeline_path": str(folder),
+          "input_pipeline_sha256": digest.hexdigest(),
+          "input_pipeline_is_head": (not data_changes.strip()
+                                     if data_changes is not None else None)}
 
 
 def _machine_info() -> dict[str, Any]:
@@ -517,12 +523,12 @@ def main(argv: Sequence[str]) -> None:
   print(f"Dataset in {data_dir}: {dataset}", flush=True)
 
   config = _config(data_dir)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   steps_per_epoch = optim.steps_per_epoch(config.batch_size, info.num_train_examples)
   results, skipped = {}, {}
   results["train"] = measure_train("train", config, info, steps_per_epoch)
   if "aug_branch" not in config:
-    skipped["train_aug"] = ("the config has no aug_branch field: this input_pipeline has no "
+    skipped["train_aug"] = ("the config has no aug_branch field: this input pipeline has no "
                             "augmented branch")
   elif FLAGS.aug_branch in ("", "none"):
     skipped["train_aug"] = f"--aug_branch={FLAGS.aug_branch!r}"

@@ -2,8 +2,8 @@ r"""Per-device memory and checkpoint size of a config at pod scale, from shapes 
 
 Two parts:
 * Exact, from the state's shapes (jax.eval_shape, no compilation): parameters, optimizer state,
-  BN statistics and the adversarial FIFO, per device and per host, and what the FIFO took when it
-  was float32 without labels (the layout before the compact FIFO).
+  BN statistics and the adversarial FIFO, per device and per host, and for comparison what a
+  float32 FIFO without labels would take (the compact FIFO stores uint8 images and labels).
 * Estimated: the step's working memory (activations, gradients, the accumulator) measured with
   XLA's memory analysis (compiled.memory_analysis().temp_size_in_bytes) at a few small
   per-device micro-batches this machine can compile, fitted as a + b·m (linear in the
@@ -32,7 +32,7 @@ import numpy as np
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
-from conadv_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conadv_jax.data import input_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conadv_jax.method import experiment, parallel
 
 FLAGS = flags.FLAGS
@@ -53,7 +53,7 @@ def _bytes(tree: Any) -> int:
 
 def state_sizes(config) -> dict[str, Any]:
   """Bytes of each part of the state (global, as in a checkpoint), from jax.eval_shape."""
-  exp = experiment.build(config, input_pipeline.published_info(config),
+  exp = experiment.build(config, input_config.published_info(config),
                          parallel.make_mesh(jax.devices()[:1]))
   state = exp.state_shape
   fifo = state.adv_fifo or {}
@@ -62,7 +62,7 @@ def state_sizes(config) -> dict[str, Any]:
       "params": _bytes(state.params), "opt_state": _bytes(state.opt_state),
       "batch_stats": _bytes(state.batch_stats), "step_and_rng": _bytes((state.step, state.rng)),
       "fifo_images": _bytes(image), "fifo_labels": _bytes(fifo.get("label")),
-      # The layout before the compact FIFO: float32 images, no labels.
+      # For comparison: a FIFO of float32 images without labels.
       "fifo_before_float32": 0 if image is None else image.size * 4,
       "image_bytes": int(np.prod(exp.info.image_shape)),  # One uint8 image.
       "staleness": exp.method.staleness, "aug_view": exp.method.aug_view,
@@ -75,7 +75,7 @@ def measure_temp(config, micro_batch: int) -> dict[str, float]:
   config.batch_size = 2 * micro_batch
   config.grad_accum_steps = 2
   config.bn_group_size = min(config.bn_group_size or micro_batch, micro_batch)
-  exp = experiment.build(config, input_pipeline.published_info(config),
+  exp = experiment.build(config, input_config.published_info(config),
                          parallel.make_mesh(jax.devices()[:1]))
   batch = {"image": jax.ShapeDtypeStruct(exp.batch_shape, np.uint8),
            "label": jax.ShapeDtypeStruct(exp.batch_shape[:1], np.int32)}

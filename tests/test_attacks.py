@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import prepare
 from conadv_jax.method import attacks, conadv, experiment, losses, models, parallel
 from configs import cpu_smoke
 
@@ -163,7 +163,7 @@ def _fifo_attacks_of_the_train_step(random_start: str, num_steps: int):
   config.update(dict(image_size=8, batch_size=16, bn_group_size=2, grad_accum_steps=2,
                      synthetic_num_classes=5, learning_rate=0.0))
   config.attack.random_start = random_start
-  exp = experiment.build(config, input_pipeline.get_dataset_info(config),
+  exp = experiment.build(config, prepare.get_dataset_info(config),
                          parallel.make_mesh(jax.devices()[:4]))
   assert exp.method.staleness == 1 and exp.method.grad_accum_steps == 2
   rng = np.random.RandomState(0)

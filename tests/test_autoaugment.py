@@ -1,4 +1,5 @@
-"""Tests for conadv_jax.data.autoaugment: every op against Pillow or numpy, magnitudes, and randomness.
+"""Tests for conadv_jax.data.autoaugment and image_ops: every op against Pillow or numpy,
+magnitudes, and randomness.
 
 Tolerances: every op is compared with zero tolerance. That is achievable because the module
 repeats PIL's arithmetic: integer LUTs for the point ops (float64 for AutoContrast, as PIL's
@@ -18,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conadv_jax.data import autoaugment as aa
+from conadv_jax.data import image_ops
 
 _FILL = 128
 # chi2.ppf(0.999, df): critical values of a chi-square goodness-of-fit test at p = 0.001.
@@ -72,41 +74,42 @@ def _solarize_add_numpy(image: np.ndarray, addition: int, threshold: int = 128) 
 
 # (name, our op, its reference). Each reference is PIL, except SolarizeAdd (numpy): PIL has none.
 _POINT_CASES = (
-    [("invert", aa.invert, ImageOps.invert),
-     ("autocontrast", aa.autocontrast, ImageOps.autocontrast),
-     ("equalize", aa.equalize, ImageOps.equalize)]
-    + [(f"posterize_{b}", lambda t, b=b: aa.posterize(t, b),
+    [("invert", image_ops.invert, ImageOps.invert),
+     ("autocontrast", image_ops.autocontrast, ImageOps.autocontrast),
+     ("equalize", image_ops.equalize, ImageOps.equalize)]
+    + [(f"posterize_{b}", lambda t, b=b: image_ops.posterize(t, b),
         lambda im, b=b: ImageOps.posterize(im, b)) for b in range(1, 9)]
-    + [(f"solarize_{t}", lambda x, t=t: aa.solarize(x, t), lambda im, t=t: ImageOps.solarize(im, t))
+    + [(f"solarize_{t}", lambda x, t=t: image_ops.solarize(x, t),
+        lambda im, t=t: ImageOps.solarize(im, t))
        for t in (0, 1, 77, 128, 255, 256)]
 )
-_ENHANCERS = {"color": (aa.color, ImageEnhance.Color),
-              "contrast": (aa.contrast, ImageEnhance.Contrast),
-              "brightness": (aa.brightness, ImageEnhance.Brightness),
-              "sharpness": (aa.sharpness, ImageEnhance.Sharpness)}
+_ENHANCERS = {"color": (image_ops.color, ImageEnhance.Color),
+              "contrast": (image_ops.contrast, ImageEnhance.Contrast),
+              "brightness": (image_ops.brightness, ImageEnhance.Brightness),
+              "sharpness": (image_ops.sharpness, ImageEnhance.Sharpness)}
 _ENHANCE_CASES = [
     (f"{name}_{factor}", lambda t, op=op, f=factor: op(t, f),
      lambda im, cls=cls, f=factor: cls(im).enhance(f))
     for name, (op, cls) in _ENHANCERS.items() for factor in (0.0, 0.1, 0.37, 1.0, 1.42, 1.9, 3.0)
 ]
 _GEOMETRIC_CASES = (
-    [(f"rotate_{d}", lambda t, d=d: aa.rotate(t, d),
+    [(f"rotate_{d}", lambda t, d=d: image_ops.rotate(t, d),
       lambda im, d=d: im.rotate(d, Image.Resampling.NEAREST, fillcolor=(_FILL,) * len(im.mode)))
      for d in (-30.0, -13.7, 0.0, 2.5, 30.0, 90.0, 180.0)]
-    + [(f"shear_x_{s}", lambda t, s=s: aa.shear_x(t, s),
+    + [(f"shear_x_{s}", lambda t, s=s: image_ops.shear_x(t, s),
         lambda im, s=s: _pil_affine(im, (1, s, 0, 0, 1, 0))) for s in (-0.3, -0.11, 0.05, 0.3)]
-    + [(f"shear_y_{s}", lambda t, s=s: aa.shear_y(t, s),
+    + [(f"shear_y_{s}", lambda t, s=s: image_ops.shear_y(t, s),
         lambda im, s=s: _pil_affine(im, (1, 0, 0, s, 1, 0))) for s in (-0.3, -0.11, 0.05, 0.3)]
-    + [(f"translate_x_{p}", lambda t, p=p: aa.translate_x(t, p),
+    + [(f"translate_x_{p}", lambda t, p=p: image_ops.translate_x(t, p),
         lambda im, p=p: _pil_affine(im, (1, 0, p, 0, 1, 0))) for p in (-25, -7, 3, 10.5, 250)]
-    + [(f"translate_y_{p}", lambda t, p=p: aa.translate_y(t, p),
+    + [(f"translate_y_{p}", lambda t, p=p: image_ops.translate_y(t, p),
         lambda im, p=p: _pil_affine(im, (1, 0, 0, 0, 1, p))) for p in (-25, -7, 3, 10.5, 250)]
 )
 _OTHER_CASES = [
-    (f"solarize_add_{a}_{t}", lambda x, a=a, t=t: aa.solarize_add(x, a, t),
+    (f"solarize_add_{a}_{t}", lambda x, a=a, t=t: image_ops.solarize_add(x, a, t),
      lambda im, a=a, t=t: _solarize_add_numpy(_from_pil(im), a, t))
     for a, t in ((0, 128), (33, 128), (110, 128), (-40, 200))
-] + [("identity", aa.identity, lambda im: im)]
+] + [("identity", image_ops.identity, lambda im: im)]
 _ALL_CASES = _POINT_CASES + _ENHANCE_CASES + _GEOMETRIC_CASES + _OTHER_CASES
 
 
@@ -178,7 +181,7 @@ def test_all_ops_match_references_in_graph_mode():
 def test_color_rejects_grayscale_and_policies_treat_it_as_identity():
   gray = tf.constant(_gray(_RGB))
   with pytest.raises(ValueError, match="needs an RGB image"):
-    aa.color(gray, 0.5)
+    image_ops.color(gray, 0.5)
   out = aa.apply_op(gray, "Color", 9, tf.constant([0, 1], tf.int64))
   np.testing.assert_array_equal(out.numpy(), gray.numpy())
 
@@ -188,7 +191,7 @@ def test_color_rejects_grayscale_and_policies_treat_it_as_identity():
 def test_cutout_at_matches_numpy(center_y, center_x, pad):
   expected = _RGB.copy()
   expected[max(center_y - pad, 0):center_y + pad, max(center_x - pad, 0):center_x + pad] = _FILL
-  out = aa.cutout_at(tf.constant(_RGB), center_y, center_x, pad)
+  out = image_ops.cutout_at(tf.constant(_RGB), center_y, center_x, pad)
   np.testing.assert_array_equal(out.numpy(), expected)
 
 
@@ -198,16 +201,17 @@ def test_cutout_centres_are_uniform_and_seeded():
   image = np.zeros((height, width, 1), np.uint8)
   seeds = np.stack([np.arange(num_seeds), np.full(num_seeds, 17)], -1).astype(np.int64)
   outs = np.stack(list(tf.data.Dataset.from_tensor_slices(seeds).map(
-      lambda s: aa.cutout(tf.constant(image), 1, s)).as_numpy_iterator()))
+      lambda s: image_ops.cutout(tf.constant(image), 1, s)).as_numpy_iterator()))
   covered = outs[..., 0] == _FILL
   rows_hit = covered.any(axis=2)
   cols_hit = covered.any(axis=1)
   center_y = height - 1 - np.argmax(rows_hit[:, ::-1], axis=1)
   center_x = width - 1 - np.argmax(cols_hit[:, ::-1], axis=1)
   for k in (0, 1, num_seeds - 1):  # The square is the one cutout_at draws at that centre.
-    expected = aa.cutout_at(tf.constant(image), center_y[k], center_x[k], 1).numpy()
+    expected = image_ops.cutout_at(tf.constant(image), center_y[k], center_x[k], 1).numpy()
     np.testing.assert_array_equal(outs[k], expected)
-    np.testing.assert_array_equal(aa.cutout(tf.constant(image), 1, seeds[k]).numpy(), outs[k])
+    np.testing.assert_array_equal(image_ops.cutout(tf.constant(image), 1, seeds[k]).numpy(),
+                                  outs[k])
   joint = np.bincount(center_y * width + center_x, minlength=height * width)
   expected_count = num_seeds / (height * width)
   chi2 = ((joint - expected_count) ** 2 / expected_count).sum()
@@ -267,16 +271,16 @@ def test_posterize_floor_of_one_bit_is_what_the_reference_shift_does():
   x = tf.constant(np.arange(256, dtype=np.uint8))
   eight = tf.constant(8, tf.uint8)
   reference = tf.bitwise.left_shift(tf.bitwise.right_shift(x, eight), eight)
-  one_bit = aa.posterize(x[:, tf.newaxis, tf.newaxis], 1).numpy()[:, 0, 0]
+  one_bit = image_ops.posterize(x[:, tf.newaxis, tf.newaxis], 1).numpy()[:, 0, 0]
   np.testing.assert_array_equal(reference.numpy(), one_bit)
 
 
 @pytest.mark.parametrize("name,level,plain", [
-    ("TranslateX", 1, lambda t, a: aa.translate_x(t, a)),
-    ("TranslateY", 1, lambda t, a: aa.translate_y(t, a)),
-    ("Rotate", 3, lambda t, a: aa.rotate(t, a)),
-    ("ShearX", 5, lambda t, a: aa.shear_x(t, a)),
-    ("ShearY", 5, lambda t, a: aa.shear_y(t, a)),
+    ("TranslateX", 1, lambda t, a: image_ops.translate_x(t, a)),
+    ("TranslateY", 1, lambda t, a: image_ops.translate_y(t, a)),
+    ("Rotate", 3, lambda t, a: image_ops.rotate(t, a)),
+    ("ShearX", 5, lambda t, a: image_ops.shear_x(t, a)),
+    ("ShearY", 5, lambda t, a: image_ops.shear_y(t, a)),
 ])
 def test_signed_ops_negate_half_the_time(name, level, plain):
   """apply_op gives the op at +arg or -arg, each for about half the seeds, and nothing else."""
@@ -501,16 +505,16 @@ def test_randaugment_arguments():
 def test_invalid_inputs_raise_clearly():
   seed = tf.constant([1, 2], tf.int64)
   with pytest.raises(TypeError, match="uint8"):
-    aa.invert(tf.constant(_RGB, tf.int32))
+    image_ops.invert(tf.constant(_RGB, tf.int32))
   with pytest.raises(TypeError, match="uint8 or floating"):
     aa.autoaugment_v0(tf.constant(_RGB, tf.int32), seed)
   with pytest.raises(ValueError, match="C = 1 or 3"):
     aa.autoaugment_v0(tf.zeros([8, 8, 4], tf.uint8), seed)
   with pytest.raises(ValueError, match="C = 1 or 3"):
-    aa.equalize(tf.zeros([8, 8], tf.uint8))
+    image_ops.equalize(tf.zeros([8, 8], tf.uint8))
   with pytest.raises(ValueError, match="seed"):
     aa.autoaugment_v0(tf.constant(_RGB), tf.constant([1, 2, 3], tf.int64))
   with pytest.raises(ValueError, match="bits"):
-    aa.posterize(tf.constant(_RGB), 0)
+    image_ops.posterize(tf.constant(_RGB), 0)
   with pytest.raises(ValueError, match="Probability"):
     aa.autoaugment(tf.constant(_RGB), seed, ((("Invert", 1.5, 0),),))

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import prepare
 from conadv_jax.method import attacks, conadv, experiment, parallel
 from configs import cpu_smoke
 
@@ -297,7 +297,7 @@ def test_one_and_four_devices_agree():
   config = cpu_smoke.get_config("conadv")
   config.update(dict(image_size=8, batch_size=16, bn_group_size=4, optimizer="lars",
                      synthetic_num_classes=NUM_CLASSES))
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   rng = np.random.RandomState(1)
   batches = [{"image": rng.randint(0, 256, (16, 8, 8, 3)).astype(np.uint8),
               "label": rng.randint(0, NUM_CLASSES, 16).astype(np.int32)} for _ in range(3)]

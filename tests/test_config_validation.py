@@ -4,6 +4,7 @@ Each bad value must stop the run before anything is compiled, within 30 s, with 
 names the field (`config.<field>=<value> is not allowed: <what is>`) or the flag, file or folder.
 Runs on 4 fake CPU devices, so cpu_smoke's batch of 32 is 8 per device.
 """
+import functools
 import math
 import pathlib
 import re
@@ -16,9 +17,9 @@ import ml_collections
 import pytest
 from cpu_env import cpu_env
 
-from conadv_jax.run import config_validation
 from conadv_jax import errors
-from configs import cpu_smoke
+from conadv_jax.run import config_history, config_validation
+from configs import cpu_smoke, default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -114,100 +115,116 @@ def test_bad_field_fails_fast_with_its_name(tmp_path, flags, field):
   assert not (tmp_path / "workdir" / "checkpoints").exists()
 
 
-# One bad value per FIELD_RULES entry, checked in-process (milliseconds each). Values of the right
-# type break the field's own check; bool fields only have a type to check, so they get a value
-# of the wrong type (which a config file, unlike a flag, can hold).
-RULE_CASES = {
-    "dataset": "mnist",
-    "data_dir": "  ",
-    "image_size": 5000,
-    "cache": 1,
-    "shuffle_buffer_size": 0,
-    "augment": "true",
-    "aug_branch": "mixup",
-    "randaugment_num_layers": -1,
-    "randaugment_magnitude": 10.5,
-    "eval_batch_size": 0,
-    "synthetic_num_examples": 0,
-    "synthetic_num_classes": 1,
-    "model": "ResNet19",
-    "small_resnet_depth": 7,
-    "small_resnet_width": 0,
-    "mlp_widths": (256, 0),
-    "dtype": "float16",
-    "bn_group_size": -1,
-    "adv_bn": "mixed",
-    "model_init": "tf",
-    "method": "madry",
-    "staleness": -1,
-    "clean_weight": -1.0,
-    "adv_weight": math.nan,
-    "label_smoothing": 1.0,
-    "attack.epsilon": -1.0,
-    "attack.step_size": 0.0,
-    "attack.num_steps": 0,
-    "attack.random_start_prob": 1.5,
-    "attack.targeted": 1,
-    "attack.random_start": "per_row",
-    "loss_weighting": "median",
-    "task_layout": "halves",
-    "grad_accum_steps": 0,
-    "batch_size": 0,
-    "num_epochs": math.inf,
-    "num_train_steps": 0,
-    "optimizer": "adam",
-    "learning_rate": 0.0,
-    "warmup_epochs": -1.0,
-    "lr_schedule": "step",
-    "lr_decay_power": 0.0,
-    "end_learning_rate": -1.0,
-    "weight_decay": -1e-4,
-    "momentum": 1.0,
-    "nesterov": "yes",
-    "lars_trust_coefficient": 0.0,
-    "lars_eps": -1.0,
-    "seed": -1,
-    "log_every_steps": 0,
-    "eval_every_steps": 0,
-    "checkpoint_every_steps": 0,
-    "keep_checkpoints": 0,
-    "eval_adversarial": None,
-    "eval_pgd_steps": -1,
-    "eval_pgd_epsilon": math.nan,
-    "sharpness_num_examples": -1,
-    "sharpness_iterations": 0,
-    "prefetch_to_device": -1,
-    "fifo_memory_limit_gib": -1.0,
-    "profile_steps": -1,
+# Bad values of every field of configs/default.py, each of the field's own type (the type-safe
+# ConfigDict refuses other types), checked in-process (milliseconds each). The code that reads the
+# field (its owner) or a validator rule must refuse each with config.<field>=<value>.
+BAD_VALUES = {
+    "dataset": ["mnist"],
+    "data_dir": ["  "],
+    "image_size": [-1, 5000],
+    "shuffle_buffer_size": [0],
+    "aug_branch": ["mixup"],
+    "randaugment_num_layers": [-1],
+    "randaugment_magnitude": [10.5],
+    "eval_batch_size": [0, 6],  # 6: not a multiple of the 4 devices.
+    "synthetic_num_examples": [0],
+    "synthetic_num_classes": [1],
+    "model": ["ResNet19"],
+    "small_resnet_depth": [7],
+    "small_resnet_width": [0],
+    "mlp_widths": [(256, 0), ()],  # Read by create_model though cpu_smoke's model is no MLP.
+    "dtype": ["float16"],
+    "bn_group_size": [-1, 3, 16],  # 3 does not divide, 16 exceeds the 8 examples per device.
+    "adv_bn": ["mixed"],
+    "model_init": ["tf"],
+    "method": ["madry"],
+    "staleness": [-1, 0],  # conadv needs staleness >= 1.
+    "clean_weight": [-1.0],
+    "adv_weight": [math.nan],
+    "label_smoothing": [1.0],
+    "attack.epsilon": [-1.0],
+    "attack.step_size": [0.0, -9.0],
+    "attack.num_steps": [0],
+    "attack.random_start_prob": [-0.1, 1.5],
+    "attack.random_start": ["per_row"],
+    "loss_weighting": ["median"],
+    "task_layout": ["halves"],
+    "grad_accum_steps": [0, 3],  # 3: 32 is not 4 devices x 3 micro-batches.
+    "batch_size": [0, 30, 512],  # 512: more than the 256 training examples.
+    "num_epochs": [math.inf],
+    "num_train_steps": [0, -5],
+    "optimizer": ["adam"],
+    "learning_rate": [0.0, -0.1, math.nan, math.inf],
+    "warmup_epochs": [-1.0],
+    "lr_schedule": ["step"],
+    "lr_decay_power": [0.0],
+    "end_learning_rate": [-1.0, 1.0],  # 1.0: above the peak of 0.05.
+    "weight_decay": [-1e-4],
+    "momentum": [1.0],
+    "lars_trust_coefficient": [0.0],  # Read by create_optimizer though cpu_smoke uses sgd.
+    "lars_eps": [-1.0],
+    "seed": [-1],
+    "log_every_steps": [0],
+    "eval_every_steps": [0],
+    "checkpoint_every_steps": [0],
+    "keep_checkpoints": [0],
+    "eval_pgd_steps": [-1],
+    "eval_pgd_epsilon": [math.nan],
+    "sharpness_num_examples": [-1, 257],  # 257: more than the 256 training examples.
+    "sharpness_iterations": [0],
+    "prefetch_to_device": [-1],
+    "fifo_memory_limit_gib": [-1.0],
+    "profile_steps": [-1],
 }
+# Booleans have no bad value of their own type: their type is their rule, the ConfigDict's.
+TYPE_ONLY = {"cache", "augment", "attack.targeted", "nesterov", "eval_adversarial"}
+BAD_CASES = [(field, value) for field, values in BAD_VALUES.items() for value in values]
 
 
 def _smoke_config_with(field: str, value) -> ml_collections.ConfigDict:
-  """cpu_smoke's conadv config with one field set; not type-safe, so a wrong type gets in."""
-  config = ml_collections.ConfigDict(cpu_smoke.get_config("conadv").to_dict(), type_safe=False)
-  node, _, name = field.rpartition(".")
-  (config[node] if node else config)[name] = value
+  """cpu_smoke's conadv config (type-safe and locked, as main.py gets it) with one field set."""
+  config = cpu_smoke.get_config("conadv")
+  *parents, leaf = field.split(".")
+  functools.reduce(lambda node, name: node[name], parents, config)[leaf] = value
   return config
 
 
-def test_every_rule_has_a_bad_value_case():
-  assert set(RULE_CASES) == set(config_validation.FIELD_RULES)
+def test_every_default_field_has_bad_values_or_only_a_type():
+  fields = set(config_history.flatten(default.get_config()))
+  assert set(BAD_VALUES) | TYPE_ONLY == fields and not set(BAD_VALUES) & TYPE_ONLY
+  assert all(BAD_VALUES.values())
 
 
 def test_the_cpu_smoke_config_is_valid():  # So each case below fails on its one field only.
   config_validation.validate(_smoke_config_with("seed", 0), NUM_DEVICES)
 
 
-@pytest.mark.parametrize("field", list(RULE_CASES))
-def test_each_rule_refuses_its_bad_value(field):
-  value = RULE_CASES[field]
-  _, (_, allowed) = config_validation.FIELD_RULES[field]
+@pytest.mark.parametrize("field,value", BAD_CASES, ids=[f"{f}={v!r}" for f, v in BAD_CASES])
+def test_each_field_refuses_its_bad_values(field, value):
   with pytest.raises(errors.ConfigError) as raised:
     config_validation.validate(_smoke_config_with(field, value), NUM_DEVICES)
   message = str(raised.value)
-  assert message.startswith(f"config.{field}=") and "is not allowed: " in message, message
-  # The field's own rule refused it (a type rule where the field has no other).
-  assert (allowed or "it must be of type") in message, message
+  assert message.startswith(f"config.{field}={value!r} is not allowed: "), message
+
+
+@pytest.mark.parametrize("field", sorted(TYPE_ONLY))
+def test_type_only_fields_refuse_another_type(field):
+  for value in (1, "true"):
+    with pytest.raises(TypeError, match=field.split(".")[-1]):
+      _smoke_config_with(field, value)
+
+
+def test_unknown_fields_and_wrong_types_are_refused_by_the_config_itself():
+  """The validator restates neither: the locked, type-safe ConfigDict refuses them when set."""
+  config = cpu_smoke.get_config("conadv")
+  with pytest.raises(AttributeError, match="learning_rate"):
+    config.learnin_rate = 0.1
+  with pytest.raises(AttributeError, match="epsilon"):
+    config.attack.epsilom = 1.0
+  with pytest.raises(TypeError, match="batch_size"):
+    config.batch_size = 3.5
+  with pytest.raises(TypeError, match="data_dir"):
+    config.data_dir = 3
 
 
 def test_sharpness_subset_larger_than_the_train_split_is_refused_before_training():
@@ -266,7 +283,8 @@ COMMAND_CASES = [
     ("unknown_flag", CONFIG, ["--workdirr=/tmp/x"], "workdirr"),
     ("syntax_error", "SYNTAX", [], "broken.py, line"),
     ("raises", "RAISES", [], "broken.py, line 6"),
-    ("file_unknown_field", "FILE_UNKNOWN_FIELD", [], "learnin_rate"),
+    ("file_unknown_field", "FILE_UNKNOWN_FIELD", [],
+     'Did you mean "learning_rate" instead of "learnin_rate"?'),
     ("file_wrong_type", "FILE_WRONG_TYPE", [], "broken.py, line 6"),  # ml_collections: no name.
 ]
 # Mistakes inside a config file, as a user editing a copy of configs/cpu_smoke.py makes them.
@@ -289,6 +307,8 @@ def test_command_line_and_config_file_mistakes(tmp_path, name, config, flags, te
   status, output, seconds = _run_main(tmp_path / "workdir", flags, config=config)
   _assert_user_error(status, output, seconds)
   assert text in output, output[-3000:]
+  error_line = next(line for line in output.splitlines() if line.startswith("error: "))
+  assert len(error_line) < 500, error_line  # Not every field of the config.
   assert not (tmp_path / "workdir").exists()
 
 

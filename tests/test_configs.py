@@ -1,17 +1,23 @@
-"""Every config file and preset loads, passes validation and builds its model."""
+"""Every config file and preset loads, passes validation and builds its model; config files are
+plain data (no import of the library) with a short docstring; the ImageNet recipe table."""
+import ast
+import dataclasses
 import functools
 import importlib
+import inspect
 import itertools
+import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from conadv_jax.data import datasets, input_pipeline
+from conadv_jax.data import datasets, input_config, pipeline, prepare
 from conadv_jax.method import attacks, conadv, experiment, models, optim, parallel
 from conadv_jax.run import config_history, config_validation
-from conadv_jax.method import optim
 from configs import common, fashion_mnist_study, imagenet_resnet50
 
 METHOD_PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]
@@ -60,10 +66,11 @@ def test_config_validates_and_builds_its_model(name, preset):
     assert config.bn_group_size == IMAGENET_BN_GROUP_SIZES[batch] > 0
 
 
-# The BN group of every ImageNet preset, as configs/imagenet_resnet50.py's docstring justifies
-# it: the per-core batch of the reference's 1,024-core TPU v3 slice from 32K up (98,304 / 1,024
-# = 96, 65,536 / 1,024 = 64, 32,768 / 1,024 = 32), and 32 below 32K (Goyal et al.'s per-worker
-# batch). Written out, not read from the config module, so a changed table fails here.
+# The BN group of every ImageNet preset, as configs/imagenet_resnet50.py and docs/optimizers.md
+# justify it: the per-core batch of the reference's 1,024-core TPU v3 slice from 32K up
+# (98,304 / 1,024 = 96, 65,536 / 1,024 = 64, 32,768 / 1,024 = 32), and 32 below 32K (Goyal et
+# al.'s per-worker batch). Written out, not read from the config module, so a changed table
+# fails here.
 IMAGENET_BN_GROUP_SIZES = {"1k": 32, "4k": 32, "8k": 32, "16k": 32, "32k": 32, "64k": 64,
                            "96k": 96}
 REFERENCE_CORES = 1_024
@@ -85,7 +92,7 @@ def test_imagenet_bn_groups_are_the_reference_per_core_batches():
 @pytest.mark.parametrize("num_devices,grad_accum_steps", [(8, 128), (REFERENCE_CORES, 1)])
 def test_headline_preset_validates_on_the_documented_device_counts(num_devices,
                                                                    grad_accum_steps):
-  """conadv_aa_96k as its docstring runs it: 8 accelerators with grad_accum_steps=128, or the
+  """conadv_aa_96k as docs/performance.md runs it: 8 accelerators with grad_accum_steps=128, or the
   reference's 1,024 cores with k=1. Either way a device's micro-batch is 96 examples, one BN
   group of the preset's 96, so the BN statistics are the reference's."""
   config = imagenet_resnet50.get_config("conadv_aa_96k")
@@ -102,6 +109,43 @@ def test_imagenet_presets_follow_the_reference_recipe_table():
     assert (config.learning_rate, config.warmup_epochs) == (lr, warmup)
     assert config.optimizer == "lars" and config.lr_decay_power == 1.6
   assert imagenet_resnet50.get_config("vanilla_96k").num_train_steps == 1_301
+
+
+# The reference code's LARS table (the paper's large-batch runs; docs/optimizers.md, "ImageNet /
+# ResNet-50 recipe"), written out at both edges of every bracket, so a changed table fails here.
+@pytest.mark.parametrize("batch_size,peak_lr,warmup_epochs", [
+    (4_096, 10.0, 5), (16_383, 10.0, 5),
+    (16_384, 25.0, 5), (32_767, 25.0, 5),
+    (32_768, 31.2, 25), (65_535, 31.2, 25),
+    (65_536, 43.0, 41), (98_304, 43.0, 41),
+])
+def test_imagenet_lars_recipe_brackets(batch_size, peak_lr, warmup_epochs):
+  recipe = imagenet_resnet50.recipe(batch_size)
+  assert recipe["optimizer"] == "lars"
+  assert recipe["learning_rate"] == peak_lr
+  assert recipe["warmup_epochs"] == warmup_epochs
+  assert recipe["batch_size"] == batch_size
+  assert recipe["momentum"] == 0.92
+  assert recipe["weight_decay"] == 5e-5
+  assert recipe["lars_trust_coefficient"] == 0.001
+  assert recipe["lars_eps"] == 0.0
+  assert recipe["lr_schedule"] == "polynomial"
+  assert recipe["lr_decay_power"] == 1.6
+  assert recipe["end_learning_rate"] == 0.0
+  assert recipe["label_smoothing"] == 0.1
+
+
+def test_imagenet_sgd_recipe():
+  recipe = imagenet_resnet50.recipe(4_096, optimizer="sgd")
+  assert recipe["optimizer"] == "sgd"
+  assert recipe["nesterov"] is True
+  assert recipe["momentum"] == 0.92
+  assert math.isclose(recipe["learning_rate"], 1.6)
+  assert recipe["warmup_epochs"] == 5
+  with pytest.raises(ValueError, match="lamb"):
+    imagenet_resnet50.recipe(4_096, optimizer="lamb")
+  with pytest.raises(ValueError):
+    imagenet_resnet50.recipe(0)
 
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -123,7 +167,7 @@ def test_imagenet_schedules_count_fractional_epochs_as_the_paper():
     size = imagenet_resnet50.BATCH_SIZES[batch]
     for preset in (f"vanilla_{batch}", f"conadv_{batch}", f"conadv_aa_{batch}"):
       config = imagenet_resnet50.get_config(preset)
-      per_epoch = optim.steps_per_epoch(config.batch_size, input_pipeline.published_info(config).num_train_examples)
+      per_epoch = optim.steps_per_epoch(config.batch_size, input_config.published_info(config).num_train_examples)
       assert per_epoch == IMAGENET_TRAIN_EXAMPLES / size  # Not floored.
       total = optim.total_train_steps(config, per_epoch)
       if batch in paper_steps:
@@ -168,14 +212,32 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_cpu_smoke_data_is_available_offline():
-  info = input_pipeline.get_dataset_info(load("cpu_smoke", "conadv"))
+  info = prepare.get_dataset_info(load("cpu_smoke", "conadv"))
   assert info.num_train_examples == 256 and info.image_shape == (16, 16, 3)
 
 
+# Read only by the loop and with no range: the ConfigDict's type check is their only rule.
+LOOP_TYPE_ONLY = {"eval_adversarial"}
+
+
 def test_every_default_field_has_a_validation_rule_and_no_rule_is_stale():
+  """Validation reads every field of configs/default.py (its owner, the code built from it, or a
+  validator rule checks it): without the field, validation fails on its name. A validator loop
+  rule must name a field, and one that no dataclass or constructor built from the config reads
+  (that reader owns its rule)."""
   from configs import default  # pylint: disable=g-import-not-at-top
   fields = set(config_history.flatten(default.get_config()))
-  assert fields == set(config_validation.FIELD_RULES)
+  for field in sorted(fields - LOOP_TYPE_ONLY):
+    config = load("cpu_smoke", "conadv").to_dict()
+    *parents, leaf = field.split(".")
+    del functools.reduce(lambda node, name: node[name], parents, config)[leaf]
+    with pytest.raises((AttributeError, KeyError), match=leaf):
+      config_validation.validate(ml_collections.ConfigDict(config), num_devices=4)
+  owned = ({f.name for cls in (input_config.InputConfig, conadv.MethodConfig)
+            for f in dataclasses.fields(cls)} |
+           {f"attack.{f.name}" for f in dataclasses.fields(attacks.AttackConfig)} |
+           set(inspect.signature(models.create_model).parameters))
+  assert set(config_validation.LOOP_FIELD_RULES) <= fields - owned
 
 
 @pytest.mark.parametrize("name,preset", CASES)
@@ -185,7 +247,7 @@ def test_three_step_quick_check_of_every_preset_builds(name, preset):
   config = load(name, preset)
   config.num_train_steps = 3
   config_validation.validate(config, num_devices=_num_devices(name))
-  exp = experiment.build(config, input_pipeline.published_info(config),
+  exp = experiment.build(config, input_config.published_info(config),
                          parallel.make_mesh(jax.devices()[:_num_devices(name)]))
   assert exp.total_steps == 3
   if config.warmup_epochs * exp.steps_per_epoch >= 3:  # Clamped: the peak at the last step.
@@ -193,17 +255,18 @@ def test_three_step_quick_check_of_every_preset_builds(name, preset):
 
 
 def _first_batches(config, num=2):
-  info = input_pipeline.get_dataset_info(config)
-  batches = itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
+  info = prepare.get_dataset_info(config)
+  batches = itertools.islice(pipeline.train_batches(config, info, process_index=0,
                                                           process_count=1), num)
   return [b"".join(key.encode() + b[key].tobytes() for key in sorted(b)) for b in batches]
 
 
-# Every name a string field can take, from the modules that own them; a field's own rule picks its.
-NAMES = {n for names in (datasets.AUG_BRANCHES, models.MODEL_NAMES, models.DTYPES,
-                         models.ADV_BN_MODES, models.MODEL_INITS, conadv.METHODS,
-                         conadv.LOSS_WEIGHTINGS, attacks.RANDOM_STARTS, parallel.TASK_LAYOUTS,
-                         optim.OPTIMIZERS, optim.SCHEDULES) for n in names}
+# Every name a string field can take, from the modules that own them.
+NAMES = {"aug_branch": datasets.AUG_BRANCHES, "model": models.MODEL_NAMES,
+         "dtype": models.DTYPES, "adv_bn": models.ADV_BN_MODES, "model_init": models.MODEL_INITS,
+         "method": conadv.METHODS, "loss_weighting": conadv.LOSS_WEIGHTINGS,
+         "attack.random_start": attacks.RANDOM_STARTS, "task_layout": parallel.TASK_LAYOUTS,
+         "optimizer": optim.OPTIMIZERS, "lr_schedule": optim.SCHEDULES}
 
 
 def _other_values(field: str, value) -> list:
@@ -219,8 +282,7 @@ def _other_values(field: str, value) -> list:
   if isinstance(value, float):
     return [value * 0.5 + 0.25]
   if isinstance(value, str) and field != "dataset":
-    _, (allowed, _) = config_validation.FIELD_RULES[field]
-    return sorted(n for n in NAMES if n != value and allowed(n))
+    return sorted(n for n in NAMES[field] if n != value)
   return []
 
 
@@ -246,3 +308,73 @@ def test_every_field_that_changes_the_data_is_refused_on_resume(preset):
   refused = set(config_history.DATA_ORDER_FIELDS) | set(config_history.STEP_MEANING_FIELDS)
   assert {"seed", "batch_size", "image_size", "aug_branch"} <= changes_data
   assert changes_data <= refused, changes_data - refused
+
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.py"))
+
+
+def _imported_modules(source: str) -> set[str]:
+  """Every module a source imports: import and from-import statements (absolute ones; a relative
+  import stays inside configs/), and importlib.import_module / __import__ of a literal name."""
+  modules = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      modules.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+      modules.add(node.module)
+      modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+          and isinstance(node.args[0].value, str)
+          and ((isinstance(node.func, ast.Name) and node.func.id == "__import__")
+               or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"))):
+      modules.add(node.args[0].value)
+  return modules
+
+
+def _is_library(module: str) -> bool:
+  return module == "conadv_jax" or module.startswith("conadv_jax.")
+
+
+def test_the_import_check_finds_library_imports():
+  """The check below can fail: each way of importing the library is seen."""
+  for source in ("import conadv_jax", "from conadv_jax.method import optim",
+                 "import conadv_jax.method.optim as optim", "from conadv_jax import errors",
+                 "import importlib\nimportlib.import_module('conadv_jax.method.optim')",
+                 "def f():\n  from conadv_jax.method import optim  # A lazy import.\n",
+                 "__import__('conadv_jax')"):
+    assert any(_is_library(m) for m in _imported_modules(source)), source
+  assert not any(_is_library(m) for m in _imported_modules(
+      "from configs import common\nimport ml_collections\nimport conadv_jaxx"))
+
+
+def test_no_config_file_imports_the_library():
+  """Config files are plain data: they import the standard library, ml_collections, absl and
+  each other, never conadv_jax (so a config loads, and a recipe is read, without the method)."""
+  assert {p.name for p in CONFIG_FILES} >= {"default.py", "imagenet_resnet50.py",
+                                            "fashion_mnist_lr_tuning.py"}
+  offenders = {str(p.relative_to(CONFIG_DIR)): sorted(m for m in _imported_modules(p.read_text())
+                                                       if _is_library(m))
+               for p in CONFIG_FILES}
+  assert not {f: m for f, m in offenders.items() if m}
+  # The parse does see the files' imports.
+  assert "configs.common" in _imported_modules((CONFIG_DIR / "imagenet_resnet50.py").read_text())
+
+
+# A git hash (7 to 40 hex digits with at least one letter and one digit), an issue number, or
+# words about the project's history.
+PROVENANCE = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b|[Ii]ssue \d|"
+                        r"\bsession\b|[Ww]as fixed|\bcommit\b")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if "def get_" in p.read_text()],
+                         ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_config_docstring_is_command_expected_result_and_time(path):
+  """Each config file's docstring: its command, what to expect and how long, in ~10 lines; the
+  history of measurements lives in docs/ beside their commands."""
+  source = path.read_text()
+  doc = ast.get_docstring(ast.parse(source), clean=False)
+  assert doc and len(doc.strip().splitlines()) <= 11, path
+  assert re.search(r"^  python (main|scripts/sweep)\.py --\w+=configs/", doc, flags=re.M), path
+  assert "expected" in doc.lower() and "time" in doc.lower(), path
+  assert not PROVENANCE.search(source), PROVENANCE.search(source)

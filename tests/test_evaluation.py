@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import pipeline
+from conadv_jax.data import prepare
 from conadv_jax.method import conadv, evaluation, losses, models, parallel
 from conadv_jax.run import evaluate
 from configs import cpu_smoke
@@ -29,7 +30,7 @@ def make_state(params, batch_stats, batch_shape: tuple[int, ...]) -> conadv.Trai
 def setup():
   config = cpu_smoke.get_config("conadv")
   config.eval_batch_size = 24  # 64 eval examples = 2 x 24 + 16: the last batch is padded.
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   model = models.create_model_from_config(config, info.spec, num_devices=1)
   forward = conadv.linen_forward(model)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)), train=False)
@@ -41,8 +42,8 @@ def setup():
 
 def reference_metrics(config, state, forward):
   """Loss and top-1 over the whole eval split at once, without batching or masks."""
-  info = input_pipeline.get_dataset_info(config)
-  batches = list(input_pipeline.eval_batches(config, info, process_index=0, process_count=1))
+  info = prepare.get_dataset_info(config)
+  batches = list(pipeline.eval_batches(config, info, process_index=0, process_count=1))
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
   labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
   logits, _ = forward(state.params, state.batch_stats, images, train=False)
@@ -55,8 +56,8 @@ def reference_metrics(config, state, forward):
 def test_every_example_once_on_any_device_count(setup, num_devices):
   config, info, state, eval_step, forward = setup
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
-  batches = input_pipeline.shard_and_prefetch(
-      input_pipeline.eval_batches(config, info, process_index=0, process_count=1),
+  batches = pipeline.shard_and_prefetch(
+      pipeline.eval_batches(config, info, process_index=0, process_count=1),
       parallel.batch_sharding(mesh))
   results = evaluation.evaluate(eval_step, jax.device_put(state, parallel.replicated(mesh)),
                                 batches)
@@ -69,7 +70,7 @@ def test_every_example_once_across_three_processes(setup):
   config, info, state, eval_step, forward = setup
   totals = {}
   for process in range(3):  # Each "process" evaluates its own slice; the sums add up.
-    results = evaluation.evaluate(eval_step, state, input_pipeline.eval_batches(
+    results = evaluation.evaluate(eval_step, state, pipeline.eval_batches(
         config, info, process_index=process, process_count=3))
     for key in ("loss", "top1"):
       totals[key] = totals.get(key, 0.0) + results[key] * results["num_examples"]
@@ -343,15 +344,15 @@ def _rows(images: np.ndarray) -> list[bytes]:
 
 def test_train_subset_is_the_first_training_examples_whatever_the_batching():
   config = cpu_smoke.get_config("conadv")  # 256 synthetic train examples, 64 eval ones.
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   subset = evaluate.train_subset(config, info, 40)
   assert subset["image"].shape == (40, *info.image_shape) and subset["label"].shape == (40,)
   # Training examples (all 256 are in the first epoch's 8 batches), none of the eval split.
-  epoch = list(itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
+  epoch = list(itertools.islice(pipeline.train_batches(config, info, process_index=0,
                                                              process_count=1), 8))
   train_rows = set(_rows(np.concatenate([b["image"] for b in epoch])))
   eval_rows = set(_rows(np.concatenate(
-      [b["image"][b["mask"] > 0] for b in input_pipeline.eval_batches(
+      [b["image"][b["mask"] > 0] for b in pipeline.eval_batches(
           config, info, process_index=0, process_count=1)])))
   assert set(_rows(subset["image"])) <= train_rows
   assert not set(_rows(subset["image"])) & eval_rows
@@ -372,7 +373,7 @@ def test_final_sharpness_is_the_top_eigenvalue_of_the_exact_hessian():
   config = cpu_smoke.get_config("vanilla")
   config.update(dict(model="MLP", mlp_widths=(3,), image_size=3, sharpness_num_examples=48,
                      sharpness_iterations=300, eval_batch_size=20, label_smoothing=0.1))
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   model = models.create_model_from_config(config, info.spec, num_devices=1)
   forward = conadv.linen_forward(model)
   variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, *info.image_shape)), train=False)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import prepare
 from conadv_jax.method import experiment, parallel
 from configs import cpu_smoke
 
@@ -32,7 +32,7 @@ def make_batches(n: int, aug_view: bool = False):
 
 def run(preset: str, accum: int, num_devices: int, num_steps: int = 2):
   config = make_config(preset, accum)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   exp = experiment.build(config, info, parallel.make_mesh(jax.devices()[:num_devices]))
   tau = exp.method.staleness
   batches = make_batches(num_steps + tau, aug_view=config.aug_branch != "none")
@@ -65,7 +65,7 @@ def test_two_micro_batches_equal_one_batch(preset, num_devices):
 def test_micro_batches_move_no_data_between_devices():
   """Each micro-batch takes a chunk of every device's rows: no all-to-all or gather is needed."""
   config = make_config("conadv", 2)
-  exp = experiment.build(config, input_pipeline.get_dataset_info(config),
+  exp = experiment.build(config, prepare.get_dataset_info(config),
                          parallel.make_mesh(jax.devices()[:4]))
   batch = make_batches(1)[0]
   hlo = exp.train_step.lower(exp.abstract_state(), batch, batch).compile().as_text()

@@ -1,4 +1,5 @@
-"""Tests for conadv_jax.data.input_pipeline on tiny local data (never downloads)."""
+"""Tests for the input pipelines of conadv_jax.data (prepare, order, pipeline) on tiny local data
+(never downloads)."""
 import collections
 import dataclasses
 import gzip
@@ -20,7 +21,10 @@ from conadv_jax.data import augment
 from conadv_jax.data import datasets
 from conadv_jax import errors
 from conadv_jax.data import fashion_mnist
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import order
+from conadv_jax.data import pipeline
+from conadv_jax.data import prepare
+from conadv_jax.data import train_stream
 from conadv_jax.method import optim
 
 NUM_TRAIN = 20
@@ -75,12 +79,12 @@ def _config(**overrides):
 
 def _train(config, **kwargs):
   """train_batches with the info resolved here (tests that do not reuse it)."""
-  return input_pipeline.train_batches(config, input_pipeline.get_dataset_info(config), **kwargs)
+  return pipeline.train_batches(config, prepare.get_dataset_info(config), **kwargs)
 
 
 def _eval(config, **kwargs):
   """eval_batches with the info resolved here (tests that do not reuse it)."""
-  return input_pipeline.eval_batches(config, input_pipeline.get_dataset_info(config), **kwargs)
+  return pipeline.eval_batches(config, prepare.get_dataset_info(config), **kwargs)
 
 
 def _ids(batch) -> list[int]:
@@ -98,7 +102,7 @@ def _assert_batches_equal(a, b):
 
 def test_dataset_info_and_steps(fashion_dir):
   config = _config(data_dir=fashion_dir)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   assert info == datasets.DatasetInfo(
       spec=datasets.DATASETS["fashion_mnist"], num_classes=10, image_shape=(28, 28, 1),
       num_train_examples=NUM_TRAIN, num_eval_examples=NUM_TEST)
@@ -106,7 +110,7 @@ def test_dataset_info_and_steps(fashion_dir):
   # Not floored: batches run on across epoch boundaries.
   assert optim.steps_per_epoch(6, info.num_train_examples) == 20 / 6
   assert optim.steps_per_epoch(32_768, 1_281_167) == 1_281_167 / 32_768
-  synthetic = input_pipeline.get_dataset_info(
+  synthetic = prepare.get_dataset_info(
       _config(dataset="synthetic", synthetic_num_classes=7))
   assert synthetic.num_classes == 7
   assert synthetic.image_shape == (32, 32, 3)
@@ -117,14 +121,14 @@ def test_dataset_info_and_steps(fashion_dir):
 
 def test_unknown_dataset_names_the_allowed_ones():
   with pytest.raises(ValueError, match="fashion_mnist.*cifar10.*imagenet2012.*synthetic") as error:
-    input_pipeline.get_dataset_info(_config(dataset="mnist"))
+    prepare.get_dataset_info(_config(dataset="mnist"))
   assert isinstance(error.value, datasets.UnknownDatasetError)
   assert isinstance(error.value, errors.UserError)
 
 
 def test_imagenet_not_prepared_says_how_to_prepare(tmp_path):
   with pytest.raises(ValueError) as error:
-    input_pipeline.get_dataset_info(_config(dataset="imagenet2012", data_dir=str(tmp_path)))
+    prepare.get_dataset_info(_config(dataset="imagenet2012", data_dir=str(tmp_path)))
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
   assert f"{tmp_path}/downloads/manual" in message
@@ -237,7 +241,7 @@ def test_eval_scores_every_example_once(fashion_dir, process_count, eval_batch_s
 def test_synthetic_eval_and_determinism():
   config = _config(dataset="synthetic", image_size=8, synthetic_num_examples=21,
                    synthetic_num_classes=3, eval_batch_size=4)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   assert info.num_eval_examples == 5
   counts, num_batches = 0, set()
   for index in range(2):
@@ -355,13 +359,13 @@ def _imagenet_config(data_dir, **overrides):
 @pytest.mark.parametrize("aug_branch", ["none", "autoaugment"])
 def test_imagenet_pipeline(imagenet_dir, cache, aug_branch):
   config = _imagenet_config(imagenet_dir, cache=cache, aug_branch=aug_branch)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   assert info == datasets.DatasetInfo(
       spec=datasets.DATASETS["imagenet2012"], num_classes=1000, image_shape=(32, 32, 3),
       num_train_examples=IMAGENET_TRAIN, num_eval_examples=IMAGENET_EVAL)
   train = list(itertools.islice(
-      input_pipeline.train_batches(config, info, process_index=0, process_count=1), 10))
-  eval_ = list(input_pipeline.eval_batches(config, info, process_index=0, process_count=1))
+      pipeline.train_batches(config, info, process_index=0, process_count=1), 10))
+  eval_ = list(pipeline.eval_batches(config, info, process_index=0, process_count=1))
   keys = {"image", "label"} | ({"aug_image"} if aug_branch != "none" else set())
   for batch in train:
     assert set(batch) == keys
@@ -378,7 +382,7 @@ def test_imagenet_pipeline(imagenet_dir, cache, aug_branch):
   assert all(set(b) == {"image", "label", "mask", "index"} and b["image"].dtype == np.uint8
              for b in eval_)
   for start in (3, 4, 9):  # Mid-epoch, at the first boundary, in the third epoch.
-    resumed = list(itertools.islice(input_pipeline.train_batches(
+    resumed = list(itertools.islice(pipeline.train_batches(
         config, info, start_step=start, process_index=0, process_count=1), 10 - start))
     _assert_batches_equal(train[start:], resumed)
 
@@ -397,7 +401,7 @@ def test_shard_and_prefetch_makes_global_arrays(num_devices):
       pulled["n"] += 1
       yield batch
 
-  out = input_pipeline.shard_and_prefetch(counting(), sharding, size=2)
+  out = pipeline.shard_and_prefetch(counting(), sharding, size=2)
   first = next(out)
   assert pulled["n"] == 3  # The current batch plus two in flight.
   result = [first, *out]
@@ -439,13 +443,13 @@ def test_a_registered_generated_dataset_needs_no_other_table(monkeypatch):
       num_eval_examples=0, source="synthetic", augmentation="none")
   monkeypatch.setitem(datasets.DATASETS, "tiny_noise", spec)
   config = _config(dataset="tiny_noise", synthetic_num_examples=12, synthetic_num_classes=3)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   assert info.spec.name == "tiny_noise" and info.num_classes == info.spec.num_classes == 3
   assert info.image_shape == (6, 6, 1)  # Native size and channels of the entry.
   assert (info.num_train_examples, info.num_eval_examples) == (12, 3)
-  batch = next(input_pipeline.train_batches(config, info, process_index=0, process_count=1))
+  batch = next(pipeline.train_batches(config, info, process_index=0, process_count=1))
   assert batch["image"].shape == (4, 6, 6, 1) and set(batch["label"]) <= {0, 1, 2}
-  eval_ = list(input_pipeline.eval_batches(config, info, process_index=0, process_count=1))
+  eval_ = list(pipeline.eval_batches(config, info, process_index=0, process_count=1))
   assert eval_[0]["image"].shape == (4, 6, 6, 1) and sum(b["mask"].sum() for b in eval_) == 3
 
 
@@ -454,10 +458,10 @@ def test_a_registered_copy_of_a_dataset_uses_its_own_entry(fashion_dir, monkeypa
                              native_image_size=14)
   monkeypatch.setitem(datasets.DATASETS, "fashion_14", spec)
   config = _config(dataset="fashion_14", data_dir=fashion_dir)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   assert info.spec == spec and info.image_shape == (14, 14, 1)
   assert info.num_train_examples == NUM_TRAIN  # Counts come from the prepared data.
-  batch = next(input_pipeline.train_batches(config, info, process_index=0, process_count=1))
+  batch = next(pipeline.train_batches(config, info, process_index=0, process_count=1))
   assert batch["image"].shape == (4, 14, 14, 1)
 
 
@@ -466,7 +470,7 @@ def test_an_unregistered_dataset_is_unknown(monkeypatch):
   monkeypatch.setattr(datasets, "DATASETS", {
       name: spec for name, spec in datasets.DATASETS.items() if name != "cifar10"})
   with pytest.raises(datasets.UnknownDatasetError) as error:
-    input_pipeline.get_dataset_info(_config(dataset="cifar10"))
+    prepare.get_dataset_info(_config(dataset="cifar10"))
   assert "choose one of fashion_mnist, imagenet2012, synthetic." in str(error.value)
 
 
@@ -475,8 +479,8 @@ def test_prepared_data_that_disagrees_with_the_registry_is_a_user_error(fashion_
                                                                         field, value):
   monkeypatch.setitem(datasets.DATASETS, "fashion_mnist", dataclasses.replace(
       datasets.DATASETS["fashion_mnist"], **{field: value}))
-  with pytest.raises(input_pipeline.DataMismatchError) as error:
-    input_pipeline.get_dataset_info(_config(data_dir=fashion_dir))
+  with pytest.raises(prepare.DataMismatchError) as error:
+    prepare.get_dataset_info(_config(data_dir=fashion_dir))
   assert isinstance(error.value, errors.UserError)
   message = str(error.value)
   assert "10 classes and 1 channels" in message and fashion_dir in message
@@ -486,19 +490,19 @@ def test_prepared_data_that_disagrees_with_the_registry_is_a_user_error(fashion_
 def test_pipelines_reuse_the_resolved_info(fashion_dir, monkeypatch):
   """Eval runs many times per training run; it must not look the dataset up again."""
   config = _config(data_dir=fashion_dir)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
 
   def resolve_again(*args, **kwargs):
     raise AssertionError("the dataset was resolved again")
 
-  monkeypatch.setattr(input_pipeline, "_builder", resolve_again)
+  monkeypatch.setattr(prepare, "_builder", resolve_again)
   monkeypatch.setattr(fashion_mnist, "get_builder", resolve_again)
   monkeypatch.setattr(tfds, "builder", resolve_again)
   monkeypatch.setattr(datasets, "get_spec", resolve_again)
-  next(input_pipeline.train_batches(config, info, process_index=0, process_count=1))
+  next(pipeline.train_batches(config, info, process_index=0, process_count=1))
   for _ in range(2):
-    assert len(list(input_pipeline.eval_batches(config, info, process_index=0,
-                                                process_count=1))) == 3
+    assert len(list(pipeline.eval_batches(config, info, process_index=0,
+                                          process_count=1))) == 3
 
 
 # --- One pipeline over all epochs; global batches that do not depend on the process count. ---
@@ -511,17 +515,17 @@ LAYOUT_IDS = ["fashion_mnist", "fashion_mnist_cached", "synthetic"]
 @pytest.mark.parametrize("overrides", LAYOUT_CASES, ids=LAYOUT_IDS)
 def test_the_train_pipeline_is_built_once_for_all_epochs(fashion_dir, monkeypatch, overrides):
   config = _config(data_dir=fashion_dir, **overrides)  # 20 examples: 5 steps of 4 per epoch.
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   calls = []
-  make = input_pipeline._train_examples
+  make = train_stream.train_examples
 
   def recording(*args):
     calls.append(args[2:])
     return make(*args)
 
-  monkeypatch.setattr(input_pipeline, "_train_examples", recording)
+  monkeypatch.setattr(train_stream, "train_examples", recording)
   # Steps 7..15: the last 3 of epoch 1, all of epoch 2, 1 of epoch 3, from one dataset.
-  batches = list(itertools.islice(input_pipeline.train_batches(
+  batches = list(itertools.islice(pipeline.train_batches(
       config, info, start_step=7, process_index=0, process_count=1), 9))
   assert len(batches) == 9 and calls == [(0, 1, 28)]  # (process, count, first example).
 
@@ -540,13 +544,13 @@ def test_epoch_boundaries_on_fashion_mnist(noise_fashion_dir, process_count):
   a resume at a step whose batch crosses a boundary must replay the stream exactly.
   """
   config = _config(data_dir=noise_fashion_dir, batch_size=6, augment=False)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   assert optim.steps_per_epoch(config.batch_size, info.num_train_examples) == pytest.approx(20 / 6)
   stored = sorted(img.tobytes() for img in fashion_mnist.load_split(noise_fashion_dir,
                                                                     "train")[0][..., None])
 
   def global_batches(start_step, count):
-    parts = [list(itertools.islice(input_pipeline.train_batches(
+    parts = [list(itertools.islice(pipeline.train_batches(
         config, info, start_step=start_step, process_index=i, process_count=process_count),
         count)) for i in range(process_count)]
     return [{k: np.concatenate([p[t][k] for p in parts]) for k in parts[0][t]}
@@ -574,9 +578,9 @@ def test_global_batches_do_not_depend_on_the_process_count(noise_fashion_dir, ov
   Augmented views included: their seeds follow the example's global position, not the process.
   """
   config = _config(data_dir=noise_fashion_dir, batch_size=8, **overrides)
-  info = input_pipeline.get_dataset_info(config)
-  assert input_pipeline.data_order_key(config, info, 1) is None
-  assert input_pipeline.data_order_key(config, info, 4) is None
+  info = prepare.get_dataset_info(config)
+  assert order.data_order_key(config, info, 1) is None
+  assert order.data_order_key(config, info, 4) is None
   one = list(itertools.islice(_train(config, process_index=0, process_count=1), 6))
   for count in (2, 4):
     parts = [list(itertools.islice(_train(config, process_index=i, process_count=count), 6))
@@ -590,8 +594,8 @@ def test_global_batches_do_not_depend_on_the_process_count(noise_fashion_dir, ov
 
 def test_cached_imagenet_order_does_not_depend_on_the_process_count(imagenet_dir):
   config = _imagenet_config(imagenet_dir, cache=True, batch_size=6)
-  info = input_pipeline.get_dataset_info(config)
-  assert input_pipeline.data_order_key(config, info, 3) is None
+  info = prepare.get_dataset_info(config)
+  assert order.data_order_key(config, info, 3) is None
   one = list(itertools.islice(_train(config, process_index=0, process_count=1), 6))
   parts = [list(itertools.islice(_train(config, process_index=i, process_count=3), 6))
            for i in range(3)]
@@ -603,16 +607,16 @@ def test_cached_imagenet_order_does_not_depend_on_the_process_count(imagenet_dir
 
 def test_data_order_key_names_the_layouts_that_depend_on_the_process_count(imagenet_dir):
   config = _imagenet_config(imagenet_dir)
-  info = input_pipeline.get_dataset_info(config)
-  keys = {count: input_pipeline.data_order_key(config, info, count) for count in (1, 2, 4)}
+  info = prepare.get_dataset_info(config)
+  keys = {count: order.data_order_key(config, info, count) for count in (1, 2, 4)}
   assert all(isinstance(key, str) and "imagenet2012" in key for key in keys.values())
   assert len(set(keys.values())) == 3  # A resume on another process count is told apart.
   cached = _imagenet_config(imagenet_dir, cache=True)
-  assert input_pipeline.data_order_key(cached, info, 4) is None
+  assert order.data_order_key(cached, info, 4) is None
   cifar = datasets.DatasetInfo(
       spec=datasets.DATASETS["cifar10"], num_classes=10, image_shape=(32, 32, 3),
       num_train_examples=50_000, num_eval_examples=10_000)
-  assert input_pipeline.data_order_key(_config(dataset="cifar10"), cifar, 4) is None
+  assert order.data_order_key(_config(dataset="cifar10"), cifar, 4) is None
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -706,8 +710,8 @@ def test_file_slices_open_the_next_epoch_before_the_current_one_ends(long_imagen
 
   monkeypatch.setattr(tf.data, "TFRecordDataset", counting_dataset)
   config = _imagenet_config(long_imagenet_dir, batch_size=4, shuffle_buffer_size=LONG_EPOCH)
-  batches = input_pipeline.train_batches(config, input_pipeline.get_dataset_info(config),
-                                         process_index=0, process_count=1)
+  batches = pipeline.train_batches(config, prepare.get_dataset_info(config),
+                                   process_index=0, process_count=1)
   try:
     assert next(batches)["image"].shape == (4, 32, 32, 3)
     deadline = time.monotonic() + 120
@@ -735,8 +739,8 @@ def _write_idx_dir(folder: pathlib.Path) -> pathlib.Path:
 def test_data_dir_that_is_a_file(tmp_path):
   idx_file = _write_idx_dir(tmp_path) / "train-images-idx3-ubyte.gz"
   for data_dir in (idx_file, idx_file / "tfds"):
-    with pytest.raises(input_pipeline.DataDirError) as error:
-      input_pipeline.get_dataset_info(_config(data_dir=str(data_dir)))
+    with pytest.raises(prepare.DataDirError) as error:
+      prepare.get_dataset_info(_config(data_dir=str(data_dir)))
     assert isinstance(error.value, errors.UserError)
     message = str(error.value)
     assert f"config.data_dir='{data_dir}'" in message and "not a folder" in message
@@ -748,8 +752,8 @@ def test_unreadable_data_dir(tmp_path, monkeypatch):
   access = os.access
   monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
       os.fspath(path) != str(folder) and access(path, mode, **kwargs)))  # Root reads anything.
-  with pytest.raises(input_pipeline.DataDirError) as error:
-    input_pipeline.get_dataset_info(_config(data_dir=str(folder)))
+  with pytest.raises(prepare.DataDirError) as error:
+    prepare.get_dataset_info(_config(data_dir=str(folder)))
   assert isinstance(error.value, errors.UserError)
   assert str(folder) in str(error.value) and f"chmod u+rx {folder}" in str(error.value)
 
@@ -761,7 +765,7 @@ def test_truncated_idx_file_names_it_and_the_fix(tmp_path):
   payload = gzip.decompress(images.read_bytes())
   images.write_bytes(gzip.compress(payload[:-100]))
   with pytest.raises(fashion_mnist.IdxFormatError) as error:
-    input_pipeline.get_dataset_info(_config(data_dir=str(folder)))
+    prepare.get_dataset_info(_config(data_dir=str(folder)))
   assert isinstance(error.value, errors.UserError)
   message = str(error.value)
   assert f"{images}: IDX shape (8, 28, 28)" in message
@@ -771,7 +775,7 @@ def test_truncated_idx_file_names_it_and_the_fix(tmp_path):
 def _prepared_copy(tmp_path) -> tuple[str, pathlib.Path]:
   """A data dir with fashion_mnist_idx prepared from IDX files, and its version folder."""
   data_dir = _write_idx_dir(tmp_path / "tfds")
-  info = input_pipeline.get_dataset_info(_config(data_dir=str(data_dir)))
+  info = prepare.get_dataset_info(_config(data_dir=str(data_dir)))
   return str(data_dir), pathlib.Path(info.builder.data_path)
 
 
@@ -779,7 +783,7 @@ def _prepared_copy(tmp_path) -> tuple[str, pathlib.Path]:
 def test_corrupt_prepared_copy_says_to_delete_it(tmp_path, damage):
   data_dir, prepared = _prepared_copy(tmp_path)
   config = _config(data_dir=data_dir)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   for record in prepared.glob("*.tfrecord*"):
     data = bytearray(record.read_bytes())
     if damage == "truncate":
@@ -787,11 +791,11 @@ def test_corrupt_prepared_copy_says_to_delete_it(tmp_path, damage):
     else:
       data[len(data) // 2] ^= 0xFF
     record.write_bytes(bytes(data))
-  for batches in (lambda: list(itertools.islice(input_pipeline.train_batches(
+  for batches in (lambda: list(itertools.islice(pipeline.train_batches(
       config, info, process_index=0, process_count=1), 3)),
-                  lambda: list(input_pipeline.eval_batches(
+                  lambda: list(pipeline.eval_batches(
                       config, info, process_index=0, process_count=1))):
-    with pytest.raises(input_pipeline.CorruptDataError) as error:
+    with pytest.raises(prepare.CorruptDataError) as error:
       batches()
     assert isinstance(error.value, errors.UserError)
     message = str(error.value)
@@ -799,28 +803,28 @@ def test_corrupt_prepared_copy_says_to_delete_it(tmp_path, damage):
     assert f"Delete {prepared} and run again" in message
   # Doing what the message says works: the copy is prepared afresh from the IDX files.
   shutil.rmtree(prepared)
-  info = input_pipeline.get_dataset_info(config)
-  assert len(list(itertools.islice(input_pipeline.train_batches(
+  info = prepare.get_dataset_info(config)
+  assert len(list(itertools.islice(pipeline.train_batches(
       config, info, process_index=0, process_count=1), 3))) == 3
 
 
 def test_unreadable_prepared_metadata_says_to_delete_it(tmp_path):
   data_dir, prepared = _prepared_copy(tmp_path)
   (prepared / "dataset_info.json").write_text("{not json")
-  with pytest.raises(input_pipeline.DataUnavailableError) as error:
-    input_pipeline.get_dataset_info(_config(data_dir=data_dir))
+  with pytest.raises(prepare.DataUnavailableError) as error:
+    prepare.get_dataset_info(_config(data_dir=data_dir))
   assert isinstance(error.value, errors.UserError)
   assert f"Delete {prepared.parent} and run again" in str(error.value)
   shutil.rmtree(prepared.parent)
-  assert input_pipeline.get_dataset_info(_config(data_dir=data_dir)).num_train_examples == 8
+  assert prepare.get_dataset_info(_config(data_dir=data_dir)).num_train_examples == 8
 
 
 def test_unreadable_tfds_metadata_says_how_to_rebuild(tmp_path):
   builder = tfds.builder("imagenet2012", data_dir=str(tmp_path))
   pathlib.Path(builder.data_path).mkdir(parents=True)
   (pathlib.Path(builder.data_path) / "dataset_info.json").write_text("{not json")
-  with pytest.raises(input_pipeline.CorruptDataError) as error:
-    input_pipeline.get_dataset_info(_config(dataset="imagenet2012", data_dir=str(tmp_path)))
+  with pytest.raises(prepare.CorruptDataError) as error:
+    prepare.get_dataset_info(_config(dataset="imagenet2012", data_dir=str(tmp_path)))
   message = str(error.value)
   assert f"Delete {tmp_path}/imagenet2012" in message
   assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
@@ -828,19 +832,19 @@ def test_unreadable_tfds_metadata_says_how_to_rebuild(tmp_path):
 
 def test_config_values_the_pipeline_cannot_use_are_user_errors(fashion_dir):
   config = _config(data_dir=fashion_dir)
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   cases = [
-      (lambda: input_pipeline.get_dataset_info(_config(dataset="synthetic", image_size=-1)),
+      (lambda: prepare.get_dataset_info(_config(dataset="synthetic", image_size=-1)),
        "config.image_size=-1"),
       (lambda: optim.steps_per_epoch(64, info.num_train_examples),
        "config.batch_size=64"),
-      (lambda: input_pipeline.train_batches(config, info, process_index=0, process_count=3),
+      (lambda: pipeline.train_batches(config, info, process_index=0, process_count=3),
        "config.batch_size=4"),
-      (lambda: input_pipeline.eval_batches(_config(eval_batch_size=5), info, process_index=0,
-                                           process_count=2), "config.eval_batch_size=5"),
+      (lambda: pipeline.eval_batches(_config(eval_batch_size=5), info, process_index=0,
+                                     process_count=2), "config.eval_batch_size=5"),
   ]
   for fn, field in cases:
-    with pytest.raises(input_pipeline.InputConfigError, match=field) as error:
+    with pytest.raises(errors.ConfigError, match=field) as error:
       fn()
     assert isinstance(error.value, errors.UserError) and isinstance(error.value, ValueError)
 
@@ -944,7 +948,7 @@ def test_aug_view_is_the_policy_on_an_independent_crop(noise_fashion_dir, branch
   for step, batch in enumerate(batches):
     for row in range(4):
       image = stored[batch["image"][row, ..., 0].tobytes()][..., None]
-      seed = input_pipeline._example_seed(config, step * 4 + row)  # Its stream position.
+      seed = order.example_seed(config.seed, step * 4 + row)  # Its stream position.
       view_seed = tf.random.experimental.stateless_fold_in(
           seed, tf.constant(augment.AUG_VIEW_SALT, tf.int64))
       crop_seed, policy_seed = tf.random.experimental.stateless_split(view_seed, num=2)
@@ -1004,10 +1008,10 @@ def test_a_shard_shorter_than_its_metadata_is_corrupt_data(imagenet_dir, tmp_pat
     for record in records[:-1]:
       writer.write(record)
   config = _imagenet_config(str(data_dir))
-  info = input_pipeline.get_dataset_info(config)
-  with pytest.raises(input_pipeline.CorruptDataError) as error:
-    list(itertools.islice(input_pipeline.train_batches(config, info, process_index=0,
-                                                       process_count=1), 4))
+  info = prepare.get_dataset_info(config)
+  with pytest.raises(prepare.CorruptDataError) as error:
+    list(itertools.islice(pipeline.train_batches(config, info, process_index=0,
+                                                 process_count=1), 4))
   assert "Delete" in str(error.value) and str(info.builder.data_path) in str(error.value)
 
 
@@ -1037,12 +1041,12 @@ def test_a_process_other_than_0_waits_for_process_0_to_prepare(tmp_path, monkeyp
   def barrier(ok):  # Process 0 prepares while process 1 waits here.
     events.append(("barrier", ok))
     acting[0] = "process 0"
-    input_pipeline.get_dataset_info(config, process_index=0, process_count=1)
+    prepare.get_dataset_info(config, process_index=0, process_count=1)
     acting[0] = "process 1"
     return True
 
-  monkeypatch.setattr(input_pipeline, "_process_0_outcome", barrier)
-  info = input_pipeline.get_dataset_info(config, process_index=1, process_count=2)
+  monkeypatch.setattr(prepare, "_process_0_outcome", barrier)
+  info = prepare.get_dataset_info(config, process_index=1, process_count=2)
   assert events == [("barrier", False), ("prepare", "process 0")]
   assert info.num_train_examples == 8
 
@@ -1050,30 +1054,30 @@ def test_a_process_other_than_0_waits_for_process_0_to_prepare(tmp_path, monkeyp
 def test_process_0_prepares_then_releases_the_others(tmp_path, monkeypatch, offline_fashion):
   events, acting = offline_fashion
   acting[0] = "process 0"
-  monkeypatch.setattr(input_pipeline, "_process_0_outcome",
+  monkeypatch.setattr(prepare, "_process_0_outcome",
                       lambda ok: events.append(("barrier", ok)) or ok)
   config = _config(data_dir=str(_write_idx_dir(tmp_path / "tfds")))
-  info = input_pipeline.get_dataset_info(config, process_index=0, process_count=2)
+  info = prepare.get_dataset_info(config, process_index=0, process_count=2)
   assert events == [("prepare", "process 0"), ("barrier", True)]
   assert info.num_train_examples == 8
   events.clear()  # Prepared now: nobody prepares again, the barrier is still passed.
-  input_pipeline.get_dataset_info(config, process_index=0, process_count=2)
+  prepare.get_dataset_info(config, process_index=0, process_count=2)
   assert events == [("barrier", True)]
 
 
 def test_process_0_failing_to_prepare_stops_every_process(tmp_path, monkeypatch, offline_fashion):
   events, acting = offline_fashion
   barrier_values = []
-  monkeypatch.setattr(input_pipeline, "_process_0_outcome",
+  monkeypatch.setattr(prepare, "_process_0_outcome",
                       lambda ok: barrier_values.append(ok) or ok)
   config = _config(data_dir=str(tmp_path / "no_idx_files"))
   acting[0] = "process 0"
-  with pytest.raises(input_pipeline.DataUnavailableError, match="download failed|internet"):
-    input_pipeline.get_dataset_info(config, process_index=0, process_count=2)
+  with pytest.raises(prepare.DataUnavailableError, match="download failed|internet"):
+    prepare.get_dataset_info(config, process_index=0, process_count=2)
   assert barrier_values == [False]  # The others are released, told it failed.
   acting[0] = "process 1"
-  with pytest.raises(input_pipeline.DataUnavailableError) as error:
-    input_pipeline.get_dataset_info(config, process_index=1, process_count=2)
+  with pytest.raises(prepare.DataUnavailableError) as error:
+    prepare.get_dataset_info(config, process_index=1, process_count=2)
   assert "Process 0 could not prepare fashion_mnist" in str(error.value)
   assert isinstance(error.value, errors.UserError)
   assert events == []
@@ -1086,11 +1090,11 @@ def test_data_that_process_0_prepared_out_of_sight_is_a_user_error(tmp_path, mon
   events, _ = offline_fashion
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                       lambda self, *a, **k: events.append(("prepare", self.name)))
-  monkeypatch.setattr(input_pipeline, "_process_0_outcome", lambda ok: True)
+  monkeypatch.setattr(prepare, "_process_0_outcome", lambda ok: True)
   data_dir = _write_idx_dir(tmp_path / "tfds")  # IDX files that process 1 must not convert.
-  with pytest.raises(input_pipeline.DataUnavailableError) as error:
-    input_pipeline.get_dataset_info(_config(dataset=dataset, data_dir=str(data_dir)),
-                                    process_index=1, process_count=2)
+  with pytest.raises(prepare.DataUnavailableError) as error:
+    prepare.get_dataset_info(_config(dataset=dataset, data_dir=str(data_dir)),
+                             process_index=1, process_count=2)
   message = str(error.value)
   assert f"Process 0 prepared {dataset} in the TFDS data dir {data_dir}" in message
   assert "process 1 does not find it" in message and "same data_dir" in message

@@ -56,6 +56,15 @@ def test_the_import_check_sees_nested_and_from_imports(tmp_path):
   assert found == {"absl.flags", "conadv_jax.run.train"}
 
 
+def test_memory_report_needs_no_tensorflow():
+  """It runs where the benchmarks run: the method and the registry's published sizes only."""
+  script = REPO / "scripts" / "memory_report.py"
+  data = {n for n in imported_modules(script) if n.startswith("conadv_jax.data")}
+  assert data <= {"conadv_jax.data", "conadv_jax.data.input_config"}, data
+  for module in ("input_config.py", "datasets.py"):
+    assert _violations([PACKAGE / "data" / module], ("tensorflow", "tensorflow_datasets")) == []
+
+
 def test_benchmarks_import_the_method_directly():
   for script in ("benchmark_step.py", "benchmark_tasks.py"):
     names = imported_modules(REPO / "scripts" / script)

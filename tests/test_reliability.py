@@ -26,7 +26,7 @@ import tensorstore as ts
 from cpu_env import cpu_env
 
 from conadv_jax.run import checkpointing
-from conadv_jax.run import workdir as workdirs
+from conadv_jax.run import lock as locks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"
@@ -746,7 +746,7 @@ def test_a_refused_lock_stops_every_process_of_the_run_at_once(tmp_path):
   """Process 0 alone takes the lock; before the others learned of a refusal, all hung >300 s."""
   workdir = tmp_path / "workdir"
   workdir.mkdir()
-  with workdirs.RunLock(workdir):  # This test process holds it, as a live earlier run would.
+  with locks.RunLock(workdir):  # This test process holds it, as a live earlier run would.
     processes = _start_two_processes(tmp_path, workdir)
     assert _wait(processes, timeout=120) == [2, 2], "\n".join(p.output[-3000:] for p in processes)
   assert "is in use by another run" in processes[0].output

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import prepare
 from conadv_jax.method import experiment, losses, parallel
 from conadv_jax.run import checkpointing, config_validation, train
 from conadv_jax import errors
@@ -50,7 +50,7 @@ def make_batches(n: int, aug: bool):
 
 def build(config) -> experiment.Experiment:
   mesh = parallel.make_mesh(jax.devices()[:4], config.task_layout)
-  return experiment.build(config, input_pipeline.get_dataset_info(config), mesh)
+  return experiment.build(config, prepare.get_dataset_info(config), mesh)
 
 
 def run_steps(config, num_steps: int = NUM_STEPS):
@@ -380,10 +380,10 @@ def test_split_mesh_refuses_a_pair_across_hosts_and_an_odd_count():
   fake = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate([0, 1, 1, 1])]
   with pytest.raises(parallel.LayoutError, match="devices per process: {0: 1, 1: 3}"):
     parallel.make_mesh(fake, "split")
-  with pytest.raises(parallel.LayoutError, match="even number of them; there are 3"):
+  with pytest.raises(parallel.LayoutError, match=r"even number of devices \(3 here\)"):
     parallel.make_mesh(jax.devices()[:3], "split")
   with pytest.raises(ValueError, match="make it with parallel.make_mesh"):
-    experiment.build(tiny_config("conadv", "split"), input_pipeline.get_dataset_info(
+    experiment.build(tiny_config("conadv", "split"), prepare.get_dataset_info(
         tiny_config("conadv", "split")), parallel.make_mesh(jax.devices()[:4]))
 
 

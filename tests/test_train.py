@@ -1,4 +1,6 @@
 """The training loop: every method end to end, exact resume, results and metrics files."""
+import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -9,9 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import pipeline
+from conadv_jax.data import prepare
 from conadv_jax.method import experiment
-from conadv_jax.run import checkpointing, train
+from conadv_jax.run import checkpointing, config_validation, run_record, train, workdir as workdirs
 from conadv_jax import errors
 from configs import cpu_smoke
 
@@ -139,13 +142,48 @@ def test_resume_with_another_data_layout_is_refused(tmp_path, monkeypatch):
   and a resume that would read the data in another layout is refused, not mixed."""
   layouts = iter(["imagenet2012: TFDS file slices over 2 processes",
                   "imagenet2012: TFDS file slices over 1 process"])
-  monkeypatch.setattr(train.input_pipeline, "data_order_key",
+  monkeypatch.setattr(train.order, "data_order_key",
                       lambda config, info, process_count=None: next(layouts))
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config("vanilla", num_train_steps=4), workdir)
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"over 2 processes, but this run would read it as .*over 1 process"):
     train.train_and_evaluate(smoke_config("vanilla", num_train_steps=6), workdir)
+
+
+def test_config_and_workdir_are_checked_once_and_the_record_is_typed(tmp_path, monkeypatch):
+  """train_and_evaluate validates and prepares once; the record saved with a checkpoint holds
+  every RunRecord field and reads back unchanged; one that lacks a field (or has an unknown one)
+  is refused by name, and nothing in the workdir is moved."""
+  with pytest.raises(errors.ConfigError, match=r"config\.batch_size"):
+    train.train_and_evaluate(smoke_config("vanilla", batch_size=0), str(tmp_path / "bad"))
+  calls = []
+  for module, name in ((config_validation, "validate"), (workdirs, "prepare")):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
+        calls.append(name), real(*a, **k))[1])
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(smoke_config("vanilla", num_train_steps=4), workdir)
+  assert calls == ["validate", "prepare"]
+
+  record_file = tmp_path / "run" / "checkpoints" / "4" / "record" / "metadata"
+  saved = json.loads(record_file.read_text())
+  assert set(saved) == {f.name for f in dataclasses.fields(run_record.RunRecord)}
+  assert set(saved["final_eval"]) == {"step", "results", "sharpness"}
+  assert run_record.RunRecord.from_json(saved).to_json() == saved
+  edits = [(lambda r: r.pop("data_order"), "no field data_order"),
+           (lambda r: r["final_eval"].pop("sharpness"), "no field final_eval.sharpness"),
+           (lambda r: r.update(notes="x"), "unknown field notes")]
+  for edit, named in edits:
+    record = copy.deepcopy(saved)
+    edit(record)
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=rf"step 4 in \S+ has a run record this code cannot use \({named}\)"
+                       r".* Start this run in a new --workdir"):
+      train.train_and_evaluate(smoke_config("vanilla", num_train_steps=4), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints_finite(tmp_path):
@@ -180,9 +218,9 @@ def test_the_step_gets_batch_t_and_batch_t_plus_tau(preset, tmp_path, monkeypatc
   images reach the jitted step as uint8 device arrays (cast and normalised inside it)."""
   config = smoke_config(preset)
   tau = config.staleness
-  info = input_pipeline.get_dataset_info(config)
+  info = prepare.get_dataset_info(config)
   expected = [_fingerprint(b["image"]) for b in
-              itertools.islice(input_pipeline.train_batches(config, info), 12 + tau)]
+              itertools.islice(pipeline.train_batches(config, info), 12 + tau)]
   seen = {}
   real_train_step = experiment.Experiment.train_step
 
@@ -249,7 +287,7 @@ def test_the_memory_check_counts_the_fifo_and_the_look_ahead_batches(preset):
   """What grows with τ on a device: τ adversarial batches and τ look-ahead input batches (with
   their AutoAugment view when there is one). A limit between the FIFO alone and both refuses."""
   config = smoke_config(preset)
-  exp = experiment.build(config, input_pipeline.get_dataset_info(config))
+  exp = experiment.build(config, prepare.get_dataset_info(config))
   tau, shards = exp.method.staleness, exp.mesh.devices.size
   rows, pixels = exp.batch_shape[0], np.prod(exp.batch_shape[1:])
   views = 2 if preset == "conadv_aa" else 1

@@ -6,7 +6,7 @@ within a few hundred writes (a run killed at that moment would leave them so for
 On a local filesystem the lock is a kernel lock (flock): a live holder is never taken over, a
 dead one at once, whatever its file says, and a heartbeat does not rewrite the file. On object
 stores (gs://) it is a heartbeat lease; the lease tests run it on a local folder by making
-`workdir._uses_kernel_lock` answer False.
+`locks._uses_kernel_lock` answer False.
 """
 import json
 import os
@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from conadv_jax.run import lock as locks
 from conadv_jax.run import workdir
 
 MIN_WRITES, MAX_WRITES = 100, 3000
@@ -76,7 +77,7 @@ def _lock_owner(text):
 
 
 def test_a_local_heartbeat_only_checks_the_lock(tmp_path):
-  with workdir.RunLock(tmp_path) as lock:
+  with locks.RunLock(tmp_path) as lock:
     before = (lock.path.read_bytes(), os.stat(lock.path))
     for _ in range(3):
       lock.heartbeat()
@@ -88,10 +89,10 @@ def test_a_local_heartbeat_only_checks_the_lock(tmp_path):
 
 def test_a_new_lock_is_never_seen_empty(tmp_path):
   def take_and_release(i):
-    with workdir.RunLock(tmp_path):
+    with locks.RunLock(tmp_path):
       time.sleep(0)  # Lets the reader thread run while the lock exists.
 
-  seen = _race(tmp_path / workdir.LOCK_NAME, take_and_release, _lock_owner)
+  seen = _race(tmp_path / locks.LOCK_NAME, take_and_release, _lock_owner)
   assert not seen["bad"], f"{len(seen['bad'])} torn reads, e.g. {seen['bad'][:3]}"
   assert seen["parsed"] > 0
   assert not list(tmp_path.iterdir())
@@ -145,8 +146,8 @@ def _owner(host=None, pid=None, age_s=0.0, **extra):
 
 def _holder(tmp_path):
   """A subprocess that takes the lock on `tmp_path`, says so, and sleeps."""
-  code = ("import sys, time; from conadv_jax import workdir\n"
-          f"with workdir.RunLock({str(tmp_path)!r}):\n"
+  code = ("import sys, time; from conadv_jax.run import lock\n"
+          f"with lock.RunLock({str(tmp_path)!r}):\n"
           "  print('held', flush=True); time.sleep(600)\n")
   process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -161,10 +162,10 @@ def _holder(tmp_path):
 
 
 def test_a_second_lock_in_the_same_process_is_refused(tmp_path):
-  with workdir.RunLock(tmp_path) as first:
+  with locks.RunLock(tmp_path) as first:
     with pytest.raises(workdir.WorkdirError, match=rf"is in use by another run \(pid {os.getpid()} "
                        rf"on host {re.escape(socket.gethostname())}, started \d+ s ago\)"):
-      workdir.RunLock(tmp_path).__enter__()
+      locks.RunLock(tmp_path).__enter__()
     first.heartbeat()  # Still ours.
   assert not list(tmp_path.iterdir())
 
@@ -173,12 +174,12 @@ def test_a_sigkilled_holder_s_lock_is_taken_over_at_once(tmp_path, caplog):
   holder = _holder(tmp_path)
   try:
     with pytest.raises(workdir.WorkdirError, match=rf"in use by another run \(pid {holder.pid} "):
-      workdir.RunLock(tmp_path).__enter__()
+      locks.RunLock(tmp_path).__enter__()
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert json.loads((tmp_path / "run.lock").read_text())["pid"] == holder.pid  # Left behind.
     start = time.monotonic()
-    with workdir.RunLock(tmp_path) as lock:  # Fresh heartbeat, same host: no waiting.
+    with locks.RunLock(tmp_path) as lock:  # Fresh heartbeat, same host: no waiting.
       assert time.monotonic() - start < 60  # Far below any age limit: no waiting.
       assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert f"Taking over the stale lock {tmp_path / 'run.lock'} (left by pid {holder.pid} " in (
@@ -192,7 +193,7 @@ def test_a_sigkilled_holder_s_lock_is_taken_over_at_once(tmp_path, caplog):
 def test_a_lock_naming_our_own_pid_is_taken_over_when_no_one_holds_it(tmp_path):
   """A container restarted with the same hostname and pid (1) finds its former life's lock."""
   _write_lock(tmp_path / "run.lock", _owner(age_s=1.0))
-  with workdir.RunLock(tmp_path) as lock:
+  with locks.RunLock(tmp_path) as lock:
     owner = json.loads(lock.path.read_text())
     assert owner["pid"] == os.getpid() and owner["started"] == lock._info["started"]
   assert not list(tmp_path.iterdir())
@@ -201,7 +202,7 @@ def test_a_lock_naming_our_own_pid_is_taken_over_when_no_one_holds_it(tmp_path):
 @pytest.mark.parametrize("text", MALFORMED)
 def test_a_malformed_lock_that_no_one_holds_is_taken_over(tmp_path, text, caplog):
   _write_lock(tmp_path / "run.lock", text)
-  with workdir.RunLock(tmp_path):
+  with locks.RunLock(tmp_path):
     pass
   assert "its contents cannot be read" in caplog.text and "None" not in caplog.text
   assert not list(tmp_path.iterdir())
@@ -209,11 +210,11 @@ def test_a_malformed_lock_that_no_one_holds_is_taken_over(tmp_path, text, caplog
 
 @pytest.mark.parametrize("text", ["", "[]", '{"pid": 1}'])
 def test_a_held_lock_with_malformed_contents_is_refused_plainly(tmp_path, text):
-  with workdir.RunLock(tmp_path) as held:
+  with locks.RunLock(tmp_path) as held:
     with open(held.path, "w") as f:  # In place: the same file, still locked.
       f.write(text)
     with pytest.raises(workdir.WorkdirError, match="a live process holds its lock") as error:
-      workdir.RunLock(tmp_path).__enter__()
+      locks.RunLock(tmp_path).__enter__()
     assert "None" not in str(error.value)
 
 
@@ -225,7 +226,7 @@ def test_a_lock_that_is_not_a_plain_file_is_refused_plainly(tmp_path, make):
   else:
     path.symlink_to(path if make == "symlink loop" else tmp_path / "gone")
   with pytest.raises(workdir.WorkdirError, match=rf"Could not take the lock {path} \(") as error:
-    workdir.RunLock(tmp_path).__enter__()
+    locks.RunLock(tmp_path).__enter__()
   assert ("Is a directory" if make == "directory" else "it is a symbolic link") in str(error.value)
   assert "delete it and run again" in str(error.value)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # No temporary left.
@@ -246,7 +247,7 @@ def test_a_lock_this_user_cannot_open_is_refused_plainly(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "open", open_)
   with pytest.raises(workdir.WorkdirError, match=rf"Could not take the lock {path} "
                      r"\(PermissionError: .*delete it and run again"):
-    workdir.RunLock(tmp_path).__enter__()
+    locks.RunLock(tmp_path).__enter__()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
 
 
@@ -260,7 +261,7 @@ def test_a_failed_takeover_is_refused_plainly_and_keeps_the_old_lock(tmp_path, m
   monkeypatch.setattr(os, "replace", fail)
   with pytest.raises(workdir.WorkdirError, match=rf"Could not take the lock {path} "
                      r"\(OSError: \[Errno 28\] No space left on device\)"):
-    workdir.RunLock(tmp_path).__enter__()
+    locks.RunLock(tmp_path).__enter__()
   assert json.loads(path.read_text())["pid"] == 5
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
 
@@ -269,15 +270,15 @@ def test_a_resent_link_that_says_exists_is_known_as_ours(tmp_path, monkeypatch):
   """NFS may answer EEXIST to a retransmitted link that succeeded. There locks belong to the
   process, so opening and closing `run.lock` as another run's would drop our own lock: the lock
   must be recognised without opening it (one flock: the new file's)."""
-  link, flock, flocks = os.link, workdir.fcntl.flock, []
+  link, flock, flocks = os.link, locks.fcntl.flock, []
 
   def link_then_exists(source, target):
     link(source, target)
     raise FileExistsError(17, "File exists")
 
   monkeypatch.setattr(os, "link", link_then_exists)
-  monkeypatch.setattr(workdir.fcntl, "flock", lambda *a: (flocks.append(a), flock(*a))[1])
-  with workdir.RunLock(tmp_path) as lock:
+  monkeypatch.setattr(locks.fcntl, "flock", lambda *a: (flocks.append(a), flock(*a))[1])
+  with locks.RunLock(tmp_path) as lock:
     assert json.loads(lock.path.read_text())["started"] == lock._info["started"]
     assert len(flocks) == 1
     lock.heartbeat()
@@ -285,9 +286,9 @@ def test_a_resent_link_that_says_exists_is_known_as_ours(tmp_path, monkeypatch):
 
 
 def test_a_lock_removed_by_hand_stops_its_run_and_is_not_deleted_by_it(tmp_path):
-  with workdir.RunLock(tmp_path) as first:
+  with locks.RunLock(tmp_path) as first:
     first.path.unlink()
-    with workdir.RunLock(tmp_path) as second:
+    with locks.RunLock(tmp_path) as second:
       with pytest.raises(workdir.WorkdirError, match="was removed or replaced while this run "
                          rf"held it \(it now names pid {os.getpid()} "):
         first.heartbeat()
@@ -302,18 +303,18 @@ def test_no_hard_links_still_gives_one_holder(tmp_path, monkeypatch):
     raise PermissionError(1, "Operation not permitted")
 
   monkeypatch.setattr(os, "link", no_link)
-  with workdir.RunLock(tmp_path) as lock:
+  with locks.RunLock(tmp_path) as lock:
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     with pytest.raises(workdir.WorkdirError, match="is in use by another run"):
-      workdir.RunLock(tmp_path).__enter__()
+      locks.RunLock(tmp_path).__enter__()
   assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture
 def lease(monkeypatch):
   """The object-store lease, on a local folder (written atomically, as GCS replaces objects)."""
-  monkeypatch.setattr(workdir, "_uses_kernel_lock", lambda path: False)
-  monkeypatch.setattr(workdir, "SETTLE_S", 1.0)  # Two contenders' read-write gaps fit in it.
+  monkeypatch.setattr(locks, "_uses_kernel_lock", lambda path: False)
+  monkeypatch.setattr(locks, "SETTLE_S", 1.0)  # Two contenders' read-write gaps fit in it.
 
 
 # A lease's heartbeat must be able to go stale.
@@ -326,11 +327,11 @@ LEASE_MALFORMED = MALFORMED + [
 @pytest.mark.parametrize("text", LEASE_MALFORMED)
 @pytest.mark.parametrize("age_s, taken_over", [(0, False), (3600, True)])
 def test_lease_an_unreadable_lock_is_judged_by_its_age(tmp_path, lease, text, age_s, taken_over):
-  lock_path = tmp_path / workdir.LOCK_NAME
+  lock_path = tmp_path / locks.LOCK_NAME
   _write_lock(lock_path, text)
   written = time.time() - age_s
   os.utime(lock_path, (written, written))
-  lock = workdir.RunLock(tmp_path, stale_after_s=600)
+  lock = locks.RunLock(tmp_path, stale_after_s=600)
   if taken_over:
     with lock:
       assert json.loads(lock_path.read_text())["pid"] == os.getpid()
@@ -348,16 +349,16 @@ def test_lease_an_unreadable_lock_is_judged_by_its_age(tmp_path, lease, text, ag
     (dict(host="hostB", age_s=3600), True),
     # This host and pid namespace: a dead pid, a reused one (another start time), our own pid
     # from a former life (pid_start differs), all at once.
-    (dict(pid=2**22 + 7, host_id=workdir._host_id()), True),
-    (dict(pid=1, host_id=workdir._host_id(), pid_start=-1), True),
-    (dict(host_id=workdir._host_id(), pid_start=-1), True),
+    (dict(pid=2**22 + 7, host_id=locks._host_id()), True),
+    (dict(pid=1, host_id=locks._host_id(), pid_start=-1), True),
+    (dict(host_id=locks._host_id(), pid_start=-1), True),
     # Another pid namespace that shares our hostname: its pids mean nothing here.
     (dict(pid=2**22 + 7, host_id="other-boot/1"), False),
 ])
 def test_lease_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, lease, owner,
                                                                   taken_over):
   _write_lock(tmp_path / "run.lock", _owner(**owner))
-  lock = workdir.RunLock(tmp_path, stale_after_s=600)
+  lock = locks.RunLock(tmp_path, stale_after_s=600)
   if taken_over:
     with lock:
       pass
@@ -369,20 +370,20 @@ def test_lease_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, lease
 
 
 def test_lease_a_second_lock_in_the_same_process_is_refused(tmp_path, lease):
-  with workdir.RunLock(tmp_path):
+  with locks.RunLock(tmp_path):
     with pytest.raises(workdir.WorkdirError, match=rf"in use by another run \(pid {os.getpid()} "):
-      workdir.RunLock(tmp_path).__enter__()
+      locks.RunLock(tmp_path).__enter__()
 
 
 def test_lease_two_contenders_at_once_give_one_holder(tmp_path, lease):
-  locks = [workdir.RunLock(tmp_path) for _ in range(2)]
+  contenders = [locks.RunLock(tmp_path) for _ in range(2)]
   outcomes = [None, None]
   go = threading.Barrier(2)
 
   def contend(i):
     go.wait()
     try:
-      locks[i].__enter__()
+      contenders[i].__enter__()
       outcomes[i] = "held"
     except workdir.WorkdirError as e:
       outcomes[i] = str(e)
@@ -393,13 +394,13 @@ def test_lease_two_contenders_at_once_give_one_holder(tmp_path, lease):
   for t in threads:
     t.join()
   assert sorted(o == "held" for o in outcomes) == [False, True], outcomes
-  for lock in locks:
+  for lock in contenders:
     lock.release()
   assert not (tmp_path / "run.lock").exists()
 
 
 def test_lease_heartbeat_and_release_leave_another_run_s_lock_alone(tmp_path, lease):
-  lock = workdir.RunLock(tmp_path)
+  lock = locks.RunLock(tmp_path)
   with lock:
     lock.heartbeat()
     taken = _owner(host="hostB", pid=5)
@@ -411,7 +412,7 @@ def test_lease_heartbeat_and_release_leave_another_run_s_lock_alone(tmp_path, le
 
 
 def test_lease_heartbeats_never_leave_the_lock_half_written(tmp_path, lease):
-  with workdir.RunLock(tmp_path) as lock:
+  with locks.RunLock(tmp_path) as lock:
     seen = _race(lock.path, lambda i: lock.heartbeat(), _lock_owner)
   assert not seen["bad"], f"{len(seen['bad'])} torn reads, e.g. {seen['bad'][:3]}"
   assert seen["parsed"] > 0 and seen["missing"] == 0
@@ -420,7 +421,7 @@ def test_lease_heartbeats_never_leave_the_lock_half_written(tmp_path, lease):
 
 
 def test_lease_is_refreshed_by_a_background_thread(tmp_path, lease):
-  with workdir.RunLock(tmp_path, stale_after_s=1.0) as lock:
+  with locks.RunLock(tmp_path, stale_after_s=1.0) as lock:
     first = json.loads(lock.path.read_text())["heartbeat"]
     deadline = time.monotonic() + 10
     while json.loads(lock.path.read_text())["heartbeat"] == first:
@@ -431,7 +432,7 @@ def test_lease_is_refreshed_by_a_background_thread(tmp_path, lease):
 
 def test_lease_release_does_not_wait_for_a_hung_heartbeat_write(tmp_path, lease, monkeypatch,
                                                                caplog):
-  monkeypatch.setattr(workdir, "RELEASE_WAIT_S", 0.2)
+  monkeypatch.setattr(locks, "RELEASE_WAIT_S", 0.2)
   hung, unblock = threading.Event(), threading.Event()
   write = workdir.write_atomically
 
@@ -440,7 +441,7 @@ def test_lease_release_does_not_wait_for_a_hung_heartbeat_write(tmp_path, lease,
     unblock.wait(60)
     write(*args)
 
-  lock = workdir.RunLock(tmp_path, stale_after_s=1.0).__enter__()  # A heartbeat every 0.1 s.
+  lock = locks.RunLock(tmp_path, stale_after_s=1.0).__enter__()  # A heartbeat every 0.1 s.
   try:
     monkeypatch.setattr(workdir, "write_atomically", hang)
     assert hung.wait(30), "no heartbeat from the thread"
@@ -455,15 +456,15 @@ def test_lease_release_does_not_wait_for_a_hung_heartbeat_write(tmp_path, lease,
 
 def test_lease_a_failed_heartbeat_write_warns_and_keeps_the_lock(tmp_path, lease, monkeypatch,
                                                                  caplog):
-  with workdir.RunLock(tmp_path) as lock:
+  with locks.RunLock(tmp_path) as lock:
     def full(*args):
       raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-      patch.setattr(workdir, "_write_temporary", full)
+      patch.setattr(workdir, "write_temporary", full)
       lock.heartbeat()  # A warning, not a traceback: the lease is refreshed again later.
     assert "Refreshing the heartbeat in" in caplog.text and "No space left" in caplog.text
     with pytest.raises(workdir.WorkdirError, match="is in use by another run"):
-      workdir.RunLock(tmp_path).__enter__()
+      locks.RunLock(tmp_path).__enter__()
     lock.heartbeat()
   assert not list(tmp_path.iterdir())

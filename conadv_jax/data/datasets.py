@@ -4,7 +4,8 @@ The input pipeline reads splits, sizes, channels, where the data comes from and 
 from here, the models their pixel statistics and config validation the names, so adding a
 dataset means adding one `DatasetSpec`. Counts here are the published ones, used before any data
 is read (validation, step arithmetic in docs); the run itself uses the counts of the prepared data
-(`input_pipeline.DatasetInfo`). This module imports no TensorFlow, so validation stays fast.
+(`DatasetInfo`, from `prepare.get_dataset_info`). This module imports no TensorFlow, so
+validation stays fast.
 """
 import dataclasses
 from typing import Any
@@ -47,7 +48,7 @@ class DatasetSpec:
       DATA_DIR/downloads/manual and from where; empty when TFDS downloads it.
     fits_in_memory: small enough for every process to hold the whole train split in RAM, which
       makes global batch t the same examples for any process count (see
-      input_pipeline.data_order_key); others do so only with config.cache.
+      order.data_order_key); others do so only with config.cache.
   """
   name: str
   num_classes: int

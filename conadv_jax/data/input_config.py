@@ -17,10 +17,6 @@ Check = tuple[Callable[[Any], bool], str | Callable[[], str]]
 _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 
 
-class InputConfigError(errors.ConfigError):
-  """A config field the input pipelines cannot use; the message names it as config.FIELD."""
-
-
 def _at_least(low: int) -> Check:
   return (lambda v: math.isfinite(v) and v >= low), f"it must be a finite >= {low}"
 
@@ -54,21 +50,22 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], Check]] = {
 
 
 def check_field(field: str, value: Any) -> None:
-  """Raises unless FIELD_RULES allow `value` for `field`.
+  """Raises errors.ConfigError ("config.FIELD=VALUE is not allowed: ...") unless FIELD_RULES allow.
 
-  Raises:
-    InputConfigError: "config.FIELD=VALUE is not allowed: ..." (datasets.UnknownDatasetError,
-      also an errors.ConfigError, for config.dataset).
+  An unknown config.dataset raises the subclass datasets.UnknownDatasetError, as
+  datasets.get_spec does, so that callers catch one type for it.
   """
-  types, (check, allowed) = FIELD_RULES[field]
+  types, (ok, allowed) = FIELD_RULES[field]
   # bool is an int to Python; a flag for a number must not pass as one.
-  if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-    allowed = f"it must be of type {' or '.join(t.__name__ for t in types)}"
-  elif value is None or check(value):
+  errors.check_value(field, value,
+                     lambda v: isinstance(v, types) and (bool in types or not isinstance(v, bool)),
+                     f"it must be of type {' or '.join(t.__name__ for t in types)}")
+  if value is None:
     return
-  error = datasets.UnknownDatasetError if field == "dataset" else InputConfigError
   text = allowed() if callable(allowed) else allowed
-  raise error(f"config.{field}={value!r} is not allowed: {text}.")
+  if field == "dataset" and not ok(value):
+    raise datasets.UnknownDatasetError(f"config.dataset={value!r} is not allowed: {text}.")
+  errors.check_value(field, value, ok, text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +104,21 @@ class InputConfig:
   def spec(self) -> datasets.DatasetSpec:
     """The registry entry of `dataset`, with generated data's sizes filled in."""
     return datasets.get_spec(self)
+
+  def published_info(self) -> datasets.DatasetInfo:
+    """The DatasetInfo the registry's published sizes give, without reading data.
+
+    What a run of generated data uses, and what shape-only work needs (memory estimates,
+    building a preset's state to inspect it) where TensorFlow may be absent.
+    """
+    spec = self.spec
+    size = self.image_size or spec.native_image_size
+    return datasets.DatasetInfo(spec=spec, num_classes=spec.num_classes,
+                                image_shape=(size, size, spec.channels),
+                                num_train_examples=spec.num_train_examples,
+                                num_eval_examples=spec.num_eval_examples)
+
+
+def published_info(config: Any) -> datasets.DatasetInfo:
+  """InputConfig.published_info of a ConfigDict; raises errors.ConfigError for a bad field."""
+  return InputConfig.from_config(config).published_info()

@@ -22,15 +22,6 @@ from conadv_jax.data import datasets
 from conadv_jax.data import input_config
 
 
-def process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  """(index, count) of this process, defaulting to JAX's; raises ValueError if out of range."""
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if not 0 <= index < count:
-    raise ValueError(f"process_index {index} is not in [0, process_count={count}).")
-  return index, count
-
-
 def global_order(spec: datasets.DatasetSpec, cache: bool) -> bool:
   """Whether every process reads the whole train split (else: one file slice per process)."""
   return spec.source == "synthetic" or spec.fits_in_memory or cache
@@ -45,7 +36,7 @@ def data_order_key(config: ml_collections.ConfigDict | input_config.InputConfig,
   """
   if global_order(info.spec, input_config.InputConfig.from_config(config).cache):
     return None
-  _, count = process(None, process_count)
+  count = jax.process_count() if process_count is None else process_count
   return f"{info.spec.name}: TFDS file slices over {count} process{'es' if count > 1 else ''}"
 
 
@@ -72,7 +63,7 @@ def global_position(local: tf.Tensor, local_batch: int, process_index: int,
                     process_count: int) -> tf.Tensor:
   """Stream position of this process's `local`-th example: rows [pb, (p+1)b) of each batch."""
   step, row = local // local_batch, local % local_batch
-  return step * local_batch * process_count + process_index * local_batch + row
+  return step * (local_batch * process_count) + process_index * local_batch + row
 
 
 def shuffled_index(seed: int, position: tf.Tensor, num_examples: int) -> tf.Tensor:
@@ -86,7 +77,8 @@ def shuffled_index(seed: int, position: tf.Tensor, num_examples: int) -> tf.Tens
       in_epoch, tf.random.experimental.stateless_fold_in(order_key, epoch), num_examples - 1)
 
 
-def file_slice_seeds(seed: int, process_index: int, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def file_slice_seeds(seed: int, process_index: int,
+                     epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """(file order seed, shuffle window seed) of one epoch of this process's file slice."""
   key = tf.constant(seed_pair(seed, "shuffle", process_index), tf.int64)
   file_seed, window_seed = tf.unstack(tf.random.experimental.stateless_fold_in(key, epoch))

@@ -9,10 +9,13 @@ ones are, so they can be stored compactly.
 """
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from conadv_jax import errors
 
 PIXEL_MAX = 255.0
 RANDOM_STARTS = ("per_example", "per_batch")  # Who shares one random-start coin.
@@ -24,6 +27,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
+  """The attack of config.attack; each field is checked here, where it is read."""
   epsilon: float = 9.0
   step_size: float = 9.0
   num_steps: int = 1
@@ -32,16 +36,29 @@ class AttackConfig:
   random_start: str = "per_example"
 
   def __post_init__(self):
-    if self.random_start not in RANDOM_STARTS:
-      raise ValueError(f"random_start={self.random_start!r}: choose one of {RANDOM_STARTS}.")
+    rules = (
+        ("epsilon", lambda v: math.isfinite(v) and v >= 0,
+         "it must be a finite number of pixels >= 0"),
+        # A step of 0 never moves the images; it is the right step only for a zero budget.
+        ("step_size", lambda v: math.isfinite(v) and (v > 0 or (v == 0 and self.epsilon == 0)),
+         "it must be finite and > 0"),
+        ("num_steps", lambda v: v >= 1, "it must be >= 1"),
+        ("random_start_prob", lambda v: 0.0 <= v <= 1.0, "it is a probability, in [0, 1]"),
+        ("random_start", lambda v: v in RANDOM_STARTS,
+         f"choose one of {', '.join(RANDOM_STARTS)}"),
+    )
+    for name, ok, allowed in rules:
+      value = getattr(self, name)
+      if not isinstance(value, jax.core.Tracer):  # Traced (one compile for many): no value yet.
+        errors.check_value(f"attack.{name}", value, ok, allowed)
 
   @classmethod
   def from_config(cls, attack_config) -> "AttackConfig":
-    return cls(epsilon=float(attack_config.epsilon), step_size=float(attack_config.step_size),
-               num_steps=int(attack_config.num_steps),
-               random_start_prob=float(attack_config.random_start_prob),
-               targeted=bool(attack_config.targeted),
-               random_start=str(attack_config.random_start))
+    """From config.attack (a ConfigDict with these fields)."""
+    return cls(epsilon=attack_config.epsilon, step_size=attack_config.step_size,
+               num_steps=attack_config.num_steps,
+               random_start_prob=attack_config.random_start_prob,
+               targeted=attack_config.targeted, random_start=attack_config.random_start)
 
 
 def random_wrong_labels(rng: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:

@@ -22,6 +22,7 @@ t+τ and task A takes the gradient on micro-batch i of batch t; the gradients, m
 running averages are averaged and θ is updated once.
 """
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from conadv_jax import errors
 from conadv_jax.method import attacks
 from conadv_jax.method import losses
 from conadv_jax.method.norm import ADV, AUG, MAIN
@@ -50,6 +52,7 @@ class MethodConfig:
   `aug_view`: batches carry "aug_image", trained through the "aug" BN with weight 1.
   `loss_weighting`: "sum" adds the weighted branch losses (Algorithm 1); "mean" divides that sum
   by the number of branches, as the reference's one concatenated batch does.
+  Its fields are checked here, where they are read: errors.ConfigError names config.FIELD.
   """
   method: str
   num_classes: int
@@ -63,16 +66,25 @@ class MethodConfig:
   grad_accum_steps: int = 1
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"method={self.method!r}: choose one of {METHODS}.")
-    if self.staleness < 0 or (self.staleness > 0) != (self.method == "conadv"):
-      raise ValueError(f"staleness={self.staleness} with method={self.method!r}: conadv needs "
-                       "staleness >= 1; vanilla and disadv need 0.")
-    if self.loss_weighting not in LOSS_WEIGHTINGS:
-      raise ValueError(f"loss_weighting={self.loss_weighting!r}: choose one of "
-                       f"{LOSS_WEIGHTINGS}.")
-    if self.grad_accum_steps < 1:
-      raise ValueError(f"grad_accum_steps={self.grad_accum_steps}: it must be >= 1.")
+    errors.check_value("method", self.method, lambda v: v in METHODS,
+                       f"choose one of {', '.join(METHODS)}")
+    errors.check_value("staleness", self.staleness, lambda v: v >= 0, "it must be >= 0")
+    errors.check_value("staleness", self.staleness,
+                       lambda v: self.method == "conadv" or v == 0,
+                       f"staleness > 0 needs method='conadv' (method is {self.method!r}); set "
+                       "--config.staleness=0 or --config.method=conadv")
+    errors.check_value("staleness", self.staleness,
+                       lambda v: self.method != "conadv" or v >= 1,
+                       "conadv needs staleness >= 1 (staleness 0 is method='disadv')")
+    for field in ("clean_weight", "adv_weight"):
+      errors.check_value(field, getattr(self, field), lambda v: math.isfinite(v) and v >= 0,
+                         "it must be a finite >= 0")
+    errors.check_value("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1,
+                       "it must be in [0, 1)")
+    errors.check_value("loss_weighting", self.loss_weighting, lambda v: v in LOSS_WEIGHTINGS,
+                       f"choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    errors.check_value("grad_accum_steps", self.grad_accum_steps, lambda v: v >= 1,
+                       "it must be >= 1")
 
   @property
   def adversarial(self) -> bool:

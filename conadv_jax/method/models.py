@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from conadv_jax import errors
 from conadv_jax.method import norm
 
 MODEL_INITS = ("flax", "reference")  # See the module docstring.
@@ -75,46 +76,45 @@ def head_factory(model_init: str, num_classes: int, dtype: Any) -> nn.Dense:
   return nn.Dense(num_classes, dtype=dtype, name="head")
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34 and the small ResNet)."""
+class _ResidualBlock(nn.Module):
+  """What every residual block shares: its fields and the shortcut around its branch."""
   filters: int
   strides: int
   conv: Any
   norm: Any
 
-  @nn.compact
-  def __call__(self, x, *, train: bool, branch: str):
-    residual = x
-    y = self.conv(self.filters, (3, 3), self.strides)(x)
-    y = nn.relu(self.norm()(y, train=train, branch=branch))
-    y = self.conv(self.filters, (3, 3))(y)
-    y = self.norm(scale_init=nn.initializers.zeros)(y, train=train, branch=branch)
+  def _add_shortcut(self, residual, y, *, train: bool, branch: str):
+    """relu(shortcut + y); the shortcut projects (1x1 conv + BN) when the shapes differ."""
     if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name="proj_conv")(residual)
+      residual = self.conv(y.shape[-1], (1, 1), self.strides, name="proj_conv")(residual)
       residual = self.norm(name="proj_bn")(residual, train=train, branch=branch)
     return nn.relu(residual + y)
 
 
-class BottleneckBlock(nn.Module):
-  """1x1, 3x3 (strided: v1.5), 1x1 with 4x expansion (ResNet-50 and deeper)."""
-  filters: int
-  strides: int
-  conv: Any
-  norm: Any
+class BasicBlock(_ResidualBlock):
+  """Two 3x3 convolutions (ResNet-18/34 and the small ResNet)."""
 
   @nn.compact
   def __call__(self, x, *, train: bool, branch: str):
-    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = nn.relu(self.norm()(y, train=train, branch=branch))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y, train=train, branch=branch)
+    return self._add_shortcut(x, y, train=train, branch=branch)
+
+
+class BottleneckBlock(_ResidualBlock):
+  """1x1, 3x3 (strided: v1.5), 1x1 with 4x expansion (ResNet-50 and deeper)."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, branch: str):
     y = self.conv(self.filters, (1, 1))(x)
     y = nn.relu(self.norm()(y, train=train, branch=branch))
     y = self.conv(self.filters, (3, 3), self.strides)(y)
     y = nn.relu(self.norm()(y, train=train, branch=branch))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y, train=train, branch=branch)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="proj_conv")(residual)
-      residual = self.norm(name="proj_bn")(residual, train=train, branch=branch)
-    return nn.relu(residual + y)
+    return self._add_shortcut(x, y, train=train, branch=branch)
 
 
 class ResNet(nn.Module):
@@ -230,12 +230,13 @@ def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
 
   `model_init` is one of MODEL_INITS (module docstring). The BN sets are
   bn_branches(adv_bn, adversarial=adversarial, aug=aug_bn). `small_resnet_*` apply to
-  SmallResNet, `mlp_widths` (hidden widths) to MLP.
+  SmallResNet, `mlp_widths` (hidden widths) to MLP; every argument named after a config field is
+  checked whatever the model (errors.ConfigError naming the field).
   """
-  if model_init not in MODEL_INITS:
-    raise ValueError(f"model_init={model_init!r}: choose one of {MODEL_INITS}.")
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}.")
+  _check_model_fields(name=name, dtype=dtype, bn_group_size=bn_group_size, adv_bn=adv_bn,
+                      small_resnet_depth=small_resnet_depth,
+                      small_resnet_width=small_resnet_width, mlp_widths=mlp_widths,
+                      model_init=model_init)
   common = dict(num_classes=num_classes, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std),
                 bn_branches=bn_branches(adv_bn, adversarial=adversarial, aug=aug_bn),
                 bn_group_size=bn_group_size or None, dtype=jnp.dtype(dtype), model_init=model_init)
@@ -243,18 +244,31 @@ def create_model(name: str, *, num_classes: int, pixel_mean: Sequence[float],
     stages, block = _IMAGENET_RESNETS[name]
     return ResNet(stage_sizes=stages, block_cls=block, **common)
   if name == "SmallResNet":
-    if small_resnet_depth not in SMALL_RESNET_DEPTHS:
-      raise ValueError(f"small_resnet_depth={small_resnet_depth}: must be 6n+2, one of "
-                       f"{SMALL_RESNET_DEPTHS}.")
     n = (small_resnet_depth - 2) // 6
     return ResNet(stage_sizes=[n, n, n], block_cls=BasicBlock, width=small_resnet_width,
                   small_inputs=True, **common)
-  if name == "MLP":
-    if not valid_mlp_widths(mlp_widths):
-      raise ValueError(f"mlp_widths={mlp_widths!r}: use a non-empty tuple of positive ints, "
-                       "e.g. (256, 256).")
-    return MLP(widths=tuple(mlp_widths), **common)
-  raise ValueError(f"model={name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}.")
+  return MLP(widths=tuple(mlp_widths), **common)
+
+
+def _check_model_fields(**fields: Any) -> None:
+  """Checks every model field, also those the named model ignores: a typo in one stays a typo.
+
+  Raises:
+    errors.ConfigError: naming the field (config.FIELD=VALUE is not allowed: ...).
+  """
+  rules = {
+      "name": (lambda v: v in MODEL_NAMES, f"choose one of {', '.join(MODEL_NAMES)}"),
+      "dtype": (lambda v: v in DTYPES, f"choose one of {', '.join(DTYPES)}"),
+      "bn_group_size": (lambda v: v is None or v >= 0, "it must be >= 0 (0: per device)"),
+      "adv_bn": (lambda v: v in ADV_BN_MODES, f"choose one of {', '.join(ADV_BN_MODES)}"),
+      "small_resnet_depth": (lambda v: v in SMALL_RESNET_DEPTHS,
+                             f"it must be 6n+2, one of {', '.join(map(str, SMALL_RESNET_DEPTHS))}"),
+      "small_resnet_width": (lambda v: v >= 1, "it must be >= 1"),
+      "mlp_widths": (valid_mlp_widths, "use a non-empty tuple of positive ints, e.g. (256, 256)"),
+      "model_init": (lambda v: v in MODEL_INITS, f"choose one of {', '.join(MODEL_INITS)}"),
+  }
+  for field, (ok, allowed) in rules.items():
+    errors.check_value("model" if field == "name" else field, fields[field], ok, allowed)
 
 
 def per_device_bn_group_size(bn_group_size: int | None, global_batch: int,

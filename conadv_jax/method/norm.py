@@ -24,8 +24,8 @@ ADV = "adv"
 AUG = "aug"  # The AutoAugment view of the three-branch recipe.
 
 
-class GhostBatchNorm(nn.Module):
-  """BatchNorm whose training statistics come from groups of `group_size` examples.
+class _BatchNormSettings(nn.Module):
+  """The settings every batch norm here takes.
 
   Attributes:
     group_size: examples per statistics group; None normalises over the whole batch this call
@@ -40,6 +40,10 @@ class GhostBatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+
+class GhostBatchNorm(_BatchNormSettings):
+  """BatchNorm whose training statistics come from groups of `group_size` examples."""
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -72,7 +76,7 @@ class GhostBatchNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-class BranchBatchNorm(nn.Module):
+class BranchBatchNorm(_BatchNormSettings):
   """One GhostBatchNorm per branch in `branches`; the first one (main) also serves "adv" if absent.
 
   Without "adv" in `branches` the adversarial examples share the clean BN ("shared", or a
@@ -81,11 +85,6 @@ class BranchBatchNorm(nn.Module):
   would train silently on the wrong statistics, so it raises instead.
   """
   branches: Sequence[str] = (MAIN, ADV)
-  group_size: int | None = None
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-  scale_init: nn.initializers.Initializer = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, branch: str = MAIN) -> jax.Array:

@@ -25,6 +25,8 @@ e = 0 optax's step has norm exactly lr * c * ||w||. The two agree when g and w a
 wd = 0. This project uses optax's form. Note the fallback: a kernel whose norm is 0 (e.g. a
 zero-initialised one) gets a plain `lr * g` step, with the full LARS peak LR (10 to 43).
 """
+import math
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -40,6 +42,11 @@ SCHEDULES = ("cosine", "polynomial")
 # LAMB's second-moment decay and epsilon (no config fields; optax's `lamb` defaults).
 _LAMB_B2 = 0.999
 _LAMB_EPS = 1e-6
+
+
+def _finite(check: Callable[[float], bool]) -> Callable[[float], bool]:
+  """`check` that also refuses NaN and ±inf, which pass or fail comparisons silently."""
+  return lambda v: math.isfinite(v) and check(v)
 
 
 def decay_mask(params: Any) -> Any:
@@ -63,11 +70,10 @@ def steps_per_epoch(batch_size: int, num_train_examples: int) -> float:
   reference's 91 epochs at 32K are 3,558 steps).
 
   Raises:
-    ConfigError: the global batch is larger than the training set.
+    errors.ConfigError: the global batch is larger than the training set.
   """
-  if batch_size > num_train_examples:
-    raise errors.ConfigError(f"config.batch_size={batch_size} is larger than the "
-                             f"{num_train_examples} training examples; lower it.")
+  errors.check_value("batch_size", batch_size, lambda v: v <= num_train_examples,
+                     f"it exceeds the {num_train_examples} training examples; lower it")
   return num_train_examples / batch_size
 
 
@@ -79,17 +85,20 @@ def total_train_steps(config: Any, steps_per_epoch: float) -> int:
     steps_per_epoch: optimizer steps per pass over the training set, N / B (fractional).
 
   Raises:
-    ValueError: if neither `num_train_steps` nor `num_epochs * steps_per_epoch` is positive.
+    errors.ConfigError: `num_train_steps` is neither -1 nor positive, `num_epochs` is not
+      finite, or num_train_steps is -1 and `num_epochs * steps_per_epoch` rounds to no steps.
   """
-  if config.num_train_steps is not None and config.num_train_steps > 0:
+  # Only -1 means "from num_epochs": 0 or -5 are mistakes, not a silent default.
+  errors.check_value("num_train_steps", config.num_train_steps, lambda v: v == -1 or v > 0,
+                     "use -1 (the length comes from num_epochs) or a positive number of steps")
+  errors.check_value("num_epochs", config.num_epochs, math.isfinite, "it must be finite")
+  if config.num_train_steps > 0:
     return int(config.num_train_steps)
   steps = int(round(config.num_epochs * steps_per_epoch))
-  if steps <= 0:
-    raise ValueError(
-        "Cannot tell how long to train: set config.num_train_steps > 0, or config.num_epochs > 0 "
-        f"with steps_per_epoch > 0 (got num_train_steps={config.num_train_steps}, "
-        f"num_epochs={config.num_epochs}, steps_per_epoch={steps_per_epoch}, "
-        f"num_epochs * steps_per_epoch rounds to {steps}).")
+  errors.check_value("num_epochs", config.num_epochs, lambda _: steps > 0,
+                     f"it rounds to {steps} steps ({config.num_epochs} x {steps_per_epoch:g} "
+                     "steps per epoch); set a num_epochs worth at least one step, or a positive "
+                     f"num_train_steps (num_train_steps={config.num_train_steps})")
   return steps
 
 
@@ -108,12 +117,23 @@ def create_learning_rate_schedule(config: Any, steps_per_epoch: float,
     total_steps: length of the run, e.g. from `total_train_steps`.
 
   Raises:
-    ValueError: for an unknown schedule or a negative warmup.
+    errors.ConfigError: a field is out of range (the message names it).
   """
+  # A peak of 0 is a schedule too (frozen parameters); config validation refuses it for a run.
+  errors.check_value("learning_rate", config.learning_rate, _finite(lambda v: v >= 0),
+                     "it must be a finite >= 0")
+  errors.check_value("warmup_epochs", config.warmup_epochs, _finite(lambda v: v >= 0),
+                     "it must be a finite >= 0")
+  errors.check_value("lr_schedule", config.lr_schedule, lambda v: v in SCHEDULES,
+                     f"choose one of {', '.join(SCHEDULES)}")
+  errors.check_value("lr_decay_power", config.lr_decay_power, _finite(lambda v: v > 0),
+                     "it must be finite and > 0")
+  errors.check_value("end_learning_rate", config.end_learning_rate,
+                     _finite(lambda v: 0 <= v <= config.learning_rate),
+                     "it must be >= 0 and not exceed the peak "
+                     f"learning_rate={config.learning_rate}")
   peak = float(config.learning_rate)
   end = float(config.end_learning_rate)
-  if config.warmup_epochs < 0:
-    raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs}.")
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
   if warmup_steps > total_steps:
     # A quick check (--config.num_train_steps=3) of a long recipe must still run.
@@ -133,9 +153,8 @@ def create_learning_rate_schedule(config: Any, steps_per_epoch: float,
     # cosine_decay_schedule goes from init_value to alpha * init_value.
     alpha = end / peak if peak != 0.0 else 0.0
     decay = optax.cosine_decay_schedule(init_value=peak, decay_steps=decay_steps, alpha=alpha)
-  else:
-    raise ValueError(f"Unknown config.lr_schedule={config.lr_schedule!r}; "
-                     f"expected one of {SCHEDULES}.")
+  else:  # Unreachable: lr_schedule was checked above.
+    raise AssertionError(config.lr_schedule)
 
   if warmup_steps == 0:
     return decay
@@ -168,8 +187,18 @@ def create_optimizer(config: Any, steps_per_epoch: float,
     total_steps: length of the run.
 
   Raises:
-    ValueError: for an unknown optimizer.
+    errors.ConfigError: a field is out of range (the message names it), also one the named
+      optimizer ignores.
   """
+  errors.check_value("optimizer", config.optimizer, lambda v: v in OPTIMIZERS,
+                     f"choose one of {', '.join(OPTIMIZERS)}")
+  errors.check_value("weight_decay", config.weight_decay, _finite(lambda v: v >= 0),
+                     "it must be a finite >= 0")
+  errors.check_value("momentum", config.momentum, lambda v: 0 <= v < 1, "it must be in [0, 1)")
+  errors.check_value("lars_trust_coefficient", config.lars_trust_coefficient,
+                     _finite(lambda v: v > 0), "it must be finite and > 0")
+  errors.check_value("lars_eps", config.lars_eps, _finite(lambda v: v >= 0),
+                     "it must be a finite >= 0")
   schedule = create_learning_rate_schedule(config, steps_per_epoch, total_steps)
   name = config.optimizer
   if name == "lars":
@@ -191,6 +220,6 @@ def create_optimizer(config: Any, steps_per_epoch: float,
     )
   elif name == "lamb":
     tx = _lamb(schedule, b1=config.momentum, weight_decay=config.weight_decay, mask=decay_mask)
-  else:
-    raise ValueError(f"Unknown config.optimizer={name!r}; expected one of {OPTIMIZERS}.")
+  else:  # Unreachable: optimizer was checked above.
+    raise AssertionError(name)
   return tx, schedule

@@ -32,8 +32,21 @@ TASK_AXIS = "task"
 TASK_LAYOUTS = ("shared", "split")
 
 
-class LayoutError(errors.UserError, ValueError):
+class LayoutError(errors.ConfigError):
   """The devices cannot be arranged in the asked-for task layout."""
+
+
+def check_layout(layout: str, num_devices: int) -> None:
+  """Raises errors.ConfigError (LayoutError for the device count) unless `layout` can run.
+
+  Needs only the device count, so config validation calls it before any mesh is made.
+  """
+  errors.check_value("task_layout", layout, lambda v: v in TASK_LAYOUTS,
+                     f"choose one of {', '.join(TASK_LAYOUTS)}")
+  if layout == "split" and num_devices % 2:
+    raise LayoutError(f"config.task_layout='split' is not allowed: it puts tasks A and B on two "
+                      "equal halves of the devices, so it needs an even number of devices "
+                      f"({num_devices} here); use task_layout='shared'.")
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, layout: str = "shared") -> Mesh:
@@ -43,14 +56,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, layout: str = "shared
   devices together) become data column j; see the module docstring for why a pair must not span
   hosts.
   """
-  if layout not in TASK_LAYOUTS:
-    raise ValueError(f"layout={layout!r}: choose one of {TASK_LAYOUTS}.")
   devices = list(jax.devices() if devices is None else devices)
+  check_layout(layout, len(devices))
   if layout == "shared":
     return Mesh(np.asarray(devices), (DATA_AXIS,))
-  if len(devices) % 2:
-    raise LayoutError(f"task_layout='split' puts tasks A and B on two halves of the devices, so "
-                      f"it needs an even number of them; there are {len(devices)}.")
   split_pairs = [(a.process_index, b.process_index) for a, b in zip(devices[0::2], devices[1::2])
                  if a.process_index != b.process_index]
   if split_pairs:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from conadv_jax import errors
 from conadv_jax.method import conadv, parallel
 from conadv_jax.method.conadv import Batch, ForwardFn, MethodConfig, TrainState
 
@@ -54,9 +55,10 @@ TASK_A, TASK_B = 0, 1  # Index along the "task" axis.
 def check_method(cfg: MethodConfig) -> None:
   """The split layout needs a task B to give the other devices: ConAdv with τ >= 1."""
   if cfg.method != "conadv" or cfg.staleness < 1:
-    raise ValueError(f"task_layout='split' runs task B (the attack on batch t+τ) on its own "
-                     f"devices: it needs method='conadv' with staleness >= 1, not "
-                     f"method={cfg.method!r} with staleness={cfg.staleness}.")
+    raise errors.ConfigError(
+        "config.task_layout='split' is not allowed: it runs ConAdv's task B (the attack on "
+        "batch t+τ) on devices of its own, so it needs method='conadv' with staleness >= 1 (not "
+        f"method={cfg.method!r} with staleness={cfg.staleness}); use task_layout='shared'.")
 
 
 def _state_specs(mesh: Mesh, state_shape: TrainState) -> TrainState:

@@ -1,8 +1,8 @@
-"""Checkpoints with orbax: the whole TrainState plus the full config and its history.
+"""Checkpoints with orbax: the whole TrainState plus the run record (run_record.RunRecord).
 
 The state holds everything a resumed run needs to continue bit-identically: parameters, BN
 statistics, optimizer state, the adversarial FIFO and the step (which also fixes the data
-position, since the input order is a function of (seed, step)). Restoring tells three cases apart,
+position, since the input order is a function of (seed, step)). Restoring tells four cases apart,
 because only one of them may ever cost a checkpoint:
 
 * Its files are damaged (missing, truncated or corrupt: file-not-found, a JSON or decoding
@@ -16,7 +16,8 @@ because only one of them may ever cost a checkpoint:
   in the workdir is touched.
 * It reads, but its arrays' structure, shapes or dtypes differ from the state this config builds,
   or its config differs in a field that decides the data or what a step is: another experiment.
-  Refused by name (CheckpointMismatchError); nothing in the workdir is touched.
+  Refused by name (CheckpointMismatchError); nothing in the workdir is touched. So is a record
+  that lacks a field or has an unknown one: what it would have said cannot be guessed.
 * It reads and matches: restored. The remaining config differences are the caller's to log.
 """
 import contextlib
@@ -34,7 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from conadv_jax import errors
-from conadv_jax.run import config_history
+from conadv_jax.run import config_history, run_record
 
 DAMAGED_DIR = "checkpoints_damaged"
 
@@ -107,7 +108,7 @@ class Restored:
   """A restored state, its step and the record saved with it."""
   state: Any
   step: int
-  record: dict[str, Any]  # {"config": flat config, "history": [config_history entries]}
+  record: run_record.RunRecord
 
 
 def _key_name(key: Any) -> str:
@@ -184,14 +185,16 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step % self._every == 0
 
-  def save(self, step: int, state: Any, record: dict[str, Any], force: bool = False) -> bool:
+  def save(self, step: int, state: Any, record: run_record.RunRecord,
+           force: bool = False) -> bool:
     """Starts an asynchronous save unless this step is saved already; True if started."""
     manager = self._open()
     if step in manager.all_steps():
       return False
     with self._save_errors():
       started = manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=force)
+          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record.to_json())),
+          force=force)
     self._unchecked_save |= started
     return started
 
@@ -319,8 +322,7 @@ class Checkpointer:
     metadata = reader.item_metadata(step)
     if metadata is None or metadata["state"] is None:  # JSON items have no metadata.
       raise _Damaged("no readable array metadata")
-    record = dict(reader.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
-                                 ).record)
+    record = self._read_record(reader, step)
     saved = state_signature(metadata["state"].tree)
     self._check_same_experiment(step, saved, expected, record, config)
     state = reader.restore(step, args=ocp.args.Composite(
@@ -328,6 +330,17 @@ class Checkpointer:
     if int(jax.device_get(state.step)) != step:
       raise _Damaged(f"holds step {int(jax.device_get(state.step))}")
     return Restored(state, step, record)
+
+  def _read_record(self, reader: ocp.CheckpointManager, step: int) -> run_record.RunRecord:
+    saved = reader.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record
+    try:
+      return run_record.RunRecord.from_json(saved)
+    except run_record.MalformedRecordError as e:
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {self.directory} has a run record this code cannot "
+          f"use ({e}): it was written by another version of this code, and what the missing "
+          "fields would say cannot be guessed. Start this run in a new --workdir (or resume it "
+          "with the version that wrote it). Nothing was changed in the workdir.") from e
 
   def _has_files(self, step: int) -> bool:
     """False for a step folder that holds no file at any depth (nothing to lose)."""
@@ -343,8 +356,8 @@ class Checkpointer:
     return False
 
   def _check_same_experiment(self, step: int, saved_signature: dict, expected_signature: dict,
-                             record: dict[str, Any], config: dict[str, Any]) -> None:
-    refused, accepted = config_history.compare(record.get("config", {}), config)
+                             record: run_record.RunRecord, config: dict[str, Any]) -> None:
+    refused, accepted = config_history.compare(record.config, config)
     structure = _signature_differences(saved_signature, expected_signature)
     if not refused and not structure:
       return

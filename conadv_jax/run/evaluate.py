@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from conadv_jax.data import datasets, input_pipeline
+from conadv_jax.data import datasets, pipeline
 from conadv_jax.method import evaluation, experiment, parallel, sharpness
 from conadv_jax.method.conadv import Batch, ForwardFn, TrainState
 
@@ -23,9 +23,8 @@ _SHARPNESS_START_SEED = 0
 def _eval_stream(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                  mesh: jax.sharding.Mesh) -> Iterator[Batch]:
   """The eval split as global, sharded, prefetched batches."""
-  return input_pipeline.shard_and_prefetch(input_pipeline.eval_batches(config, info),
-                                           parallel.batch_sharding(mesh),
-                                           config.prefetch_to_device)
+  return pipeline.shard_and_prefetch(pipeline.eval_batches(config, info),
+                                     parallel.batch_sharding(mesh), config.prefetch_to_device)
 
 
 def evaluate(exp: experiment.Experiment, state: TrainState,
@@ -65,7 +64,7 @@ def train_subset(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
       # Generated data numbers eval examples after the train ones; start from 0 instead.
       num_train_examples=0, num_eval_examples=info.num_train_examples)
   images, labels, count = [], [], 0
-  for batch in input_pipeline.eval_batches(config, as_eval, process_index=0, process_count=1):
+  for batch in pipeline.eval_batches(config, as_eval, process_index=0, process_count=1):
     real = batch["mask"] > 0
     images.append(batch["image"][real])
     labels.append(batch["label"][real])

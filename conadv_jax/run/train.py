@@ -3,6 +3,7 @@
 The loop does not know the method. It hands the step (batch t, batch t+τ) from `with_lookahead`;
 vanilla and DisAdv have τ = 0 and get batch t twice. A run is: create or restore the state
 (`_create_or_restore`), step until done or preempted (`_train`), evaluate and record (`_finish`).
+The run record (run_record.RunRecord), saved with every checkpoint, tells a resume what is done.
 """
 import collections
 import dataclasses
@@ -22,9 +23,10 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
 from conadv_jax import errors
-from conadv_jax.data import input_pipeline
+from conadv_jax.data import order, pipeline, prepare
 from conadv_jax.method import experiment, parallel
 from conadv_jax.run import (checkpointing, config_history, config_validation, evaluate,
+                            jsonl_writer, lock as locks, preflight, run_record,
                             workdir as workdirs)
 
 T = TypeVar("T")
@@ -49,69 +51,6 @@ def with_lookahead(batches: Iterable[T], staleness: int) -> Iterator[tuple[T, T]
   for newest in batches:
     window.append(newest)
     yield window.popleft(), newest
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """metrics.jsonl: one JSON line per write_scalars call, {"step", "kind", values...}.
-
-  Keys arrive as "<kind>/<name>" ("train/loss", "eval/top1"). On resume, lines past the restored
-  step are dropped (they will be written again), so every step appears once.
-  """
-
-  def __init__(self, workdir: epath.Path, resume_step: int):
-    self.path = epath.Path(workdir) / "metrics.jsonl"  # epath: also gs://.
-    if not self.path.exists():
-      return
-    kept = []
-    for line in self.path.read_text().splitlines(keepends=True):
-      try:
-        step = int(json.loads(line)["step"])
-      except (ValueError, KeyError, TypeError):
-        logging.warning("metrics.jsonl: dropped a line that is not a metrics record (cut short "
-                        "by a killed run?): %r", line[:200])
-        continue
-      if step <= resume_step:
-        kept.append(line)
-    workdirs.write_atomically(self.path, "".join(kept))  # A kill here keeps the old file.
-
-  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
-    by_kind = collections.defaultdict(dict)
-    for key, value in scalars.items():
-      kind, slash, name = key.partition("/")
-      if not slash:  # clu's ReportProgress logs bare names (steps_per_sec, uptime).
-        kind, name = "progress", key
-      by_kind[kind][name] = float(value) if not isinstance(value, int) else value
-    with self.path.open("a") as f:
-      for kind, values in by_kind.items():
-        f.write(json.dumps({"step": int(step), "kind": kind, **values}) + "\n")
-
-  # metrics.jsonl holds scalars only; the TensorBoard writer beside it takes the rest.
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_hparams(self, hparams):
-    del hparams
-
-  def flush(self):
-    pass  # Every line is written (and the file closed) when it is logged.
-
-  def close(self):
-    pass
 
 
 class _StopSignals:
@@ -146,7 +85,7 @@ class _Run:
   state: Any
   step: int
   resumed: bool
-  record: dict[str, Any]  # Saved with every checkpoint: {"config": ..., "history": [...]}.
+  record: run_record.RunRecord  # Saved with every checkpoint.
 
 
 def _check_fifo_memory(exp: experiment.Experiment) -> None:
@@ -183,12 +122,13 @@ def _create_or_restore(exp: experiment.Experiment,
                        checkpointer: checkpointing.Checkpointer) -> _Run:
   """The newest checkpoint's state if there is one, else a fresh state; config changes said."""
   current = config_history.flatten(exp.config)
-  data_order = input_pipeline.data_order_key(exp.config, exp.info)
+  data_order = order.data_order_key(exp.config, exp.info)
   restored = checkpointer.restore_latest(exp.abstract_state(), current)
   if restored is None:
     return _Run(exp.init_state(), 0, False,
-                {"config": current, "history": [], "data_order": data_order})
-  saved_order = restored.record.get("data_order", data_order)  # Older records: unchecked.
+                run_record.RunRecord(config=current, history=[], data_order=data_order))
+  record = restored.record
+  saved_order = record.data_order
   if saved_order != data_order:
     raise checkpointing.CheckpointMismatchError(
         f"The checkpoint in {checkpointer.directory} (step {restored.step}) was trained with the "
@@ -202,14 +142,13 @@ def _create_or_restore(exp: experiment.Experiment,
         f"The checkpoint in {checkpointer.directory} is at step {restored.step}, past this run's "
         f"{exp.total_steps} steps. Set config.num_train_steps (or num_epochs) to at least "
         f"{restored.step} to continue it, or start in a new --workdir.")
-  _, accepted = config_history.compare(restored.record.get("config", {}), current)
+  _, accepted = config_history.compare(record.config, current)
   for change in accepted:
     logging.warning("Resuming with a changed setting: %s.", change.describe())
-  record = dict(restored.record, config=current)
+  record.config = current
   if accepted:  # The saved final eval, if any, was made under the old settings.
-    record["history"] = [*record.get("history", []),
-                         config_history.history_entry(restored.step, accepted)]
-    record.pop("final_eval", None)
+    record.history = [*record.history, config_history.history_entry(restored.step, accepted)]
+    record.final_eval = None
   return _Run(restored.state, restored.step, True, record)
 
 
@@ -233,7 +172,7 @@ def _periodic_eval(exp: experiment.Experiment, run: _Run,
   """Evaluates at run.step and notes it in the record, so a resume knows it was done."""
   results = evaluate.evaluate(exp, run.state)
   writer.write_scalars(run.step, {f"eval/{k}": v for k, v in results.items()})
-  run.record["last_eval_step"] = run.step
+  run.record.last_eval_step = run.step
 
 
 def _fill_fifo(exp: experiment.Experiment, state: Any, first: list[Any]) -> Any:
@@ -252,11 +191,11 @@ def _fill_fifo(exp: experiment.Experiment, state: Any, first: list[Any]) -> Any:
 
 
 def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Checkpointer,
-           writer: metric_writers.MetricWriter, lock: workdirs.RunLock) -> str | None:
+           writer: metric_writers.MetricWriter, lock: locks.RunLock) -> str | None:
   """Steps `run` to the end or to a stop request; returns the stop reason, None if finished."""
   config = exp.config
-  batches = input_pipeline.shard_and_prefetch(
-      input_pipeline.train_batches(config, exp.info, start_step=run.step),
+  batches = pipeline.shard_and_prefetch(
+      pipeline.train_batches(config, exp.info, start_step=run.step),
       parallel.batch_sharding(exp.mesh), config.prefetch_to_device)
   if exp.method.staleness and not run.resumed:
     first = list(itertools.islice(batches, exp.method.staleness))
@@ -282,7 +221,7 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
                       f"use profile_steps <= {room}" if room > 0 else "use a longer run")
   # A preempted run skips the eval of its last step (the deadline is near); it runs here.
   if (run.resumed and run.step % eval_every == 0 and 0 < run.step < exp.total_steps
-      and run.record.get("last_eval_step") != run.step):
+      and run.record.last_eval_step != run.step):
     _periodic_eval(exp, run, writer)
   signals = _StopSignals()
   pending = []
@@ -311,7 +250,7 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
             jax.device_count())
         last_log = (run.step, now)
         writer.write_scalars(run.step, {f"train/{k}": v for k, v in summary.items()})
-        run.record["last_train"] = summary
+        run.record.last_train = summary
         lock.heartbeat()
       # The last step's eval is _finish's. Evaluating before the save records it in the
       # checkpoint, so a resume from this step neither repeats nor skips it.
@@ -333,33 +272,30 @@ def _train(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Ch
 def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.Checkpointer,
             writer: metric_writers.MetricWriter, start_time: float) -> dict[str, Any]:
   """Final eval (unless the final checkpoint holds it: a rerun), last checkpoint, results.json."""
-  final = run.record.get("final_eval", {})
-  eval_results = final.get("results") if final.get("step") == run.step else None
-  if eval_results is None:  # Every process decides alike: the record is the checkpoint's.
+  final = run.record.final_eval
+  if final is None or final.step != run.step:  # Alike on every process: the checkpoint's record.
     eval_results = evaluate.evaluate(exp, run.state)
     # PGD only here: periodic evals keep their cost; robust_top1 is a final-parameters number.
     robust = evaluate.robust_top1(exp, run.state)
     if robust is not None:
       eval_results["robust_top1"] = robust
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in eval_results.items()})
-    run.record["final_eval"] = {"step": run.step, "results": eval_results}
-    run.record["last_eval_step"] = run.step  # A longer rerun must not evaluate this step again.
-  final_eval = run.record["final_eval"]
-  if "sharpness" not in final_eval:  # Also a finished run measured before sharpness existed.
-    final_eval["sharpness"] = evaluate.final_sharpness(exp.config, exp.info, exp.mesh,
-                                                         exp.forward, run.state)
+    sharpness = evaluate.final_sharpness(exp.config, exp.info, exp.mesh, exp.forward, run.state)
+    final = run.record.final_eval = run_record.FinalEval(run.step, eval_results, sharpness)
+    run.record.last_eval_step = run.step  # A longer rerun must not evaluate this step again.
+  eval_results = final.results
   checkpointer.save(run.step, run.state, run.record, force=True)
   checkpointer.wait_until_finished()
-  train_summary = run.record.get("last_train", {})
+  train_summary = run.record.last_train or {}
   results = {
       "config": exp.config.to_dict(),
-      "config_history": run.record["history"],
+      "config_history": run.record.history,
       "final_step": run.step,
       "eval": {k: eval_results.get(k) for k in ("top1", "top5", "loss", "adv_top1",
                                                  "robust_top1", "num_examples")
                if k in eval_results},
       "train": {"loss": train_summary.get("loss"), "top1": train_summary.get("clean_top1")},
-      "sharpness": final_eval["sharpness"],  # None when config.sharpness_num_examples is 0.
+      "sharpness": final.sharpness,  # None when config.sharpness_num_examples is 0.
       "wall_time_s": time.time() - start_time,
       "param_fingerprint": param_fingerprint(run.state.params),
   }
@@ -373,14 +309,19 @@ def _finish(exp: experiment.Experiment, run: _Run, checkpointer: checkpointing.C
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.json.
 
-  Returns results.json's contents, or {"stopped_at_step": k, "reason": ...} after SIGTERM,
-  SIGINT or a preemption notice (a checkpoint at step k is saved; the same call resumes).
+  Checks the config and the workdir first (preflight.check), then trains (`run_checked`). Returns
+  results.json's contents, or {"stopped_at_step": k, "reason": ...} after SIGTERM, SIGINT or a
+  preemption notice (a checkpoint at step k is saved; the same call resumes).
   """
+  return run_checked(preflight.check(config, workdir))
+
+
+def run_checked(checked: preflight.Checked) -> dict[str, Any]:
+  """train_and_evaluate for a config and workdir that preflight.check has passed."""
   start_time = time.time()
-  config_validation.validate(config, num_devices=jax.device_count())
-  path = workdirs.prepare(workdir)
-  with workdirs.RunLock(path) as lock:
-    info = input_pipeline.get_dataset_info(config)
+  config, path = checked.config, checked.workdir
+  with locks.RunLock(path) as lock:
+    info = prepare.get_dataset_info(config)
     config_validation.validate_against_data(config, info)
     exp = experiment.build(config, info)
     _check_fifo_memory(exp)
@@ -393,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   config.to_json_best_effort(indent=2, sort_keys=True))
       writer = metric_writers.MultiWriter(
           [metric_writers.create_default_writer(path, just_logging=not is_chief)] +
-          ([JsonlWriter(path, run.step)] if is_chief else []))
+          ([jsonl_writer.JsonlWriter(path, run.step)] if is_chief else []))
       try:
         if not run.resumed:
           parameter_overview.log_parameter_overview(run.state.params)
