@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For configs/.
 from conadv_jax.data import input_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conadv_jax.method import experiment, parallel
+from conadv_jax.method import experiment, parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (with :preset).", lock_config=False)

@@ -18,8 +18,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import pytest
 import tensorflow as tf
 
-from conadv_jax.data import autoaugment as aa
-from conadv_jax.data import image_ops
+from conadv_jax.data import autoaugment as aa, image_ops
 
 _FILL = 128
 # chi2.ppf(0.999, df): critical values of a chi-square goodness-of-fit test at p = 0.001.

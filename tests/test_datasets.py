@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from conadv_jax.data import augment
-from conadv_jax.run import config_validation
-from conadv_jax.data import datasets
 from conadv_jax import errors
+from conadv_jax.data import augment, datasets
+from conadv_jax.run import config_validation
 from configs import default
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conadv_jax.data import pipeline
-from conadv_jax.data import prepare
+from conadv_jax.data import pipeline, prepare
 from conadv_jax.method import conadv, evaluation, losses, models, parallel
 from conadv_jax.run import evaluate
 from configs import cpu_smoke

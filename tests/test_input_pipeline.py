@@ -17,14 +17,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conadv_jax.data import augment
-from conadv_jax.data import datasets
 from conadv_jax import errors
-from conadv_jax.data import fashion_mnist
-from conadv_jax.data import order
-from conadv_jax.data import pipeline
-from conadv_jax.data import prepare
-from conadv_jax.data import train_stream
+from conadv_jax.data import augment, datasets, fashion_mnist, order, pipeline, prepare, train_stream
 from conadv_jax.method import optim
 
 NUM_TRAIN = 20

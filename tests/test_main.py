@@ -1,7 +1,7 @@
 """main.py: shrunken copies of the paper's ImageNet presets run through it on a CPU; --help
 needs neither JAX nor TensorFlow; the config and the workdir are checked once, before TensorFlow.
 
-Only overrides (the ones in configs/imagenet_resnet50.py's docstring, plus a checkpoint every 2
+Only overrides (the shrunken CPU run of docs/optimizers.md, plus a checkpoint every 2
 steps so that a save runs too): synthetic data, 32-pixel images, a batch of 16 with BN groups of
 4, 3 steps. Everything else is the preset's: ResNet-50
 with the reference init, three branches (AutoAugment view), losses averaged, the ε = 4 attack

@@ -25,8 +25,7 @@ import pytest
 import tensorstore as ts
 from cpu_env import cpu_env
 
-from conadv_jax.run import checkpointing
-from conadv_jax.run import lock as locks
+from conadv_jax.run import checkpointing, lock as locks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'cpu_smoke.py'}:conadv"

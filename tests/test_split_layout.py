@@ -20,10 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conadv_jax import errors
 from conadv_jax.data import prepare
 from conadv_jax.method import experiment, losses, parallel
 from conadv_jax.run import checkpointing, config_validation, train
-from conadv_jax import errors
 from configs import cpu_smoke, imagenet_resnet50
 from cpu_env import cpu_env
 

@@ -11,11 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conadv_jax.data import pipeline
-from conadv_jax.data import prepare
+from conadv_jax import errors
+from conadv_jax.data import pipeline, prepare
 from conadv_jax.method import experiment
 from conadv_jax.run import checkpointing, config_validation, run_record, train, workdir as workdirs
-from conadv_jax import errors
 from configs import cpu_smoke
 
 PRESETS = ["vanilla", "disadv", "conadv", "conadv2"]

@@ -21,8 +21,7 @@ import time
 
 import pytest
 
-from conadv_jax.run import lock as locks
-from conadv_jax.run import workdir
+from conadv_jax.run import lock as locks, workdir
 
 MIN_WRITES, MAX_WRITES = 100, 3000
 RACE_BUDGET_S = 15  # Writes fsync: on a slow shared disk 3,000 of them took 9 minutes.

@@ -15,8 +15,7 @@ import math
 
 import tensorflow as tf
 
-from conadv_jax.data import autoaugment
-from conadv_jax.data import datasets
+from conadv_jax.data import autoaugment, datasets
 
 Example = dict[str, tf.Tensor]
 TrainFn = Callable[[Example, tf.Tensor], Example]

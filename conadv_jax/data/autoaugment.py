@@ -25,8 +25,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from conadv_jax.data import datasets
-from conadv_jax.data import image_ops
+from conadv_jax.data import datasets, image_ops
 
 # The top of the level scale. Its one definition is in the registry, which imports no TensorFlow,
 # so config validation can bound config.randaugment_magnitude before TensorFlow is loaded.

@@ -12,11 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conadv_jax.data import augment
-from conadv_jax.data import datasets
-from conadv_jax.data import input_config
-from conadv_jax.data import order
-from conadv_jax.data import prepare
+from conadv_jax.data import augment, datasets, input_config, order, prepare
 
 Batch = dict[str, np.ndarray]
 Example = dict[str, tf.Tensor]

@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from conadv_jax.data import datasets
-from conadv_jax.data import input_config
+from conadv_jax.data import datasets, input_config
 
 
 def global_order(spec: datasets.DatasetSpec, cache: bool) -> bool:

@@ -17,12 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conadv_jax import errors
-from conadv_jax.data import datasets
-from conadv_jax.data import examples
-from conadv_jax.data import input_config
-from conadv_jax.data import order
-from conadv_jax.data import prepare
-from conadv_jax.data import train_stream
+from conadv_jax.data import datasets, examples, input_config, order, prepare, train_stream
 
 Batch = examples.Batch
 Config = ml_collections.ConfigDict | input_config.InputConfig

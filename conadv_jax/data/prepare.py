@@ -14,9 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from conadv_jax import errors
-from conadv_jax.data import datasets
-from conadv_jax.data import fashion_mnist
-from conadv_jax.data import input_config
+from conadv_jax.data import datasets, fashion_mnist, input_config
 
 Config = ml_collections.ConfigDict | input_config.InputConfig
 

@@ -7,10 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conadv_jax import errors
-from conadv_jax.data import datasets
-from conadv_jax.data import examples
-from conadv_jax.data import input_config
-from conadv_jax.data import order
+from conadv_jax.data import datasets, examples, input_config, order
 
 
 def train_examples(cfg: input_config.InputConfig, info: datasets.DatasetInfo, process_index: int,

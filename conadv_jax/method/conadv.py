@@ -32,8 +32,7 @@ import optax
 from flax import struct
 
 from conadv_jax import errors
-from conadv_jax.method import attacks
-from conadv_jax.method import losses
+from conadv_jax.method import attacks, losses
 from conadv_jax.method.norm import ADV, AUG, MAIN
 
 METHODS = ("vanilla", "disadv", "conadv")

@@ -8,18 +8,14 @@ field only the loop reads (LOOP_FIELD_RULES). Unknown fields and wrong types are
 locked, type-safe ConfigDict. So a new field needs configs/default.py and its reader, plus a
 LOOP_FIELD_RULES entry if only the loop reads it and it has a range.
 """
-import hashlib
-import json
 import math
 from collections.abc import Callable
 
 import ml_collections
-import numpy as np
 
 from conadv_jax import errors
 from conadv_jax.data import datasets, input_config
 from conadv_jax.method import experiment, models, optim, parallel, split_layout
-from conadv_jax.run import config_history
 
 
 def _at_least(low: int) -> tuple[Callable[[float], bool], str]:
@@ -96,36 +92,3 @@ def _check_run_length(config: ml_collections.ConfigDict,
 def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
   """Checks that need the prepared data's size (it may differ from the published one)."""
   _check_run_length(config, info.num_train_examples)
-
-
-def check_same_on_all_processes(config: ml_collections.ConfigDict) -> None:
-  """Refuses processes started with different configs: their "replicated" state would diverge.
-
-  Compares a hash per field across processes before anything runs, so the message can name the
-  fields that differ.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return
-  flat = config_history.flatten(config)
-
-  def digest(text: str) -> int:  # 31 bits: survives JAX's default int32.
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") >> 1
-
-  names = sorted(flat)
-  summary = np.asarray([len(names), digest(" ".join(names))], np.int32)
-  summaries = np.asarray(multihost_utils.process_allgather(summary))
-  if not np.all(summaries == summaries[0]):
-    raise errors.ConfigError("The processes of this run have configs with different fields; "
-                             "start every process with the same --config file and overrides.")
-  per_field = np.asarray([digest(json.dumps(flat[n], sort_keys=True)) for n in names], np.int32)
-  gathered = np.asarray(multihost_utils.process_allgather(per_field))
-  differing = [n for i, n in enumerate(names) if not np.all(gathered[:, i] == gathered[0, i])]
-  if differing:
-    me = jax.process_index()
-    raise errors.ConfigError(
-        f"The processes of this run were started with different configs (fields "
-        f"{', '.join('config.' + n for n in differing)}; this is process {me}, with "
-        f"{', '.join(f'{n}={flat[n]!r}' for n in differing)}). Every process must get the same "
-        "--config file and overrides, or their replicated parameters would diverge.")
