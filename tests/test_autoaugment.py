@@ -18,7 +18,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import pytest
 import tensorflow as tf
 
-from conadv_jax.data import autoaugment as aa, image_ops
+from conadv_jax.data import autoaugment as aa, geometric_ops, image_ops
 
 _FILL = 128
 # chi2.ppf(0.999, df): critical values of a chi-square goodness-of-fit test at p = 0.001.
@@ -92,16 +92,16 @@ _ENHANCE_CASES = [
     for name, (op, cls) in _ENHANCERS.items() for factor in (0.0, 0.1, 0.37, 1.0, 1.42, 1.9, 3.0)
 ]
 _GEOMETRIC_CASES = (
-    [(f"rotate_{d}", lambda t, d=d: image_ops.rotate(t, d),
+    [(f"rotate_{d}", lambda t, d=d: geometric_ops.rotate(t, d),
       lambda im, d=d: im.rotate(d, Image.Resampling.NEAREST, fillcolor=(_FILL,) * len(im.mode)))
      for d in (-30.0, -13.7, 0.0, 2.5, 30.0, 90.0, 180.0)]
-    + [(f"shear_x_{s}", lambda t, s=s: image_ops.shear_x(t, s),
+    + [(f"shear_x_{s}", lambda t, s=s: geometric_ops.shear_x(t, s),
         lambda im, s=s: _pil_affine(im, (1, s, 0, 0, 1, 0))) for s in (-0.3, -0.11, 0.05, 0.3)]
-    + [(f"shear_y_{s}", lambda t, s=s: image_ops.shear_y(t, s),
+    + [(f"shear_y_{s}", lambda t, s=s: geometric_ops.shear_y(t, s),
         lambda im, s=s: _pil_affine(im, (1, 0, 0, s, 1, 0))) for s in (-0.3, -0.11, 0.05, 0.3)]
-    + [(f"translate_x_{p}", lambda t, p=p: image_ops.translate_x(t, p),
+    + [(f"translate_x_{p}", lambda t, p=p: geometric_ops.translate_x(t, p),
         lambda im, p=p: _pil_affine(im, (1, 0, p, 0, 1, 0))) for p in (-25, -7, 3, 10.5, 250)]
-    + [(f"translate_y_{p}", lambda t, p=p: image_ops.translate_y(t, p),
+    + [(f"translate_y_{p}", lambda t, p=p: geometric_ops.translate_y(t, p),
         lambda im, p=p: _pil_affine(im, (1, 0, 0, 0, 1, p))) for p in (-25, -7, 3, 10.5, 250)]
 )
 _OTHER_CASES = [
@@ -190,7 +190,7 @@ def test_color_rejects_grayscale_and_policies_treat_it_as_identity():
 def test_cutout_at_matches_numpy(center_y, center_x, pad):
   expected = _RGB.copy()
   expected[max(center_y - pad, 0):center_y + pad, max(center_x - pad, 0):center_x + pad] = _FILL
-  out = image_ops.cutout_at(tf.constant(_RGB), center_y, center_x, pad)
+  out = geometric_ops.cutout_at(tf.constant(_RGB), center_y, center_x, pad)
   np.testing.assert_array_equal(out.numpy(), expected)
 
 
@@ -200,16 +200,16 @@ def test_cutout_centres_are_uniform_and_seeded():
   image = np.zeros((height, width, 1), np.uint8)
   seeds = np.stack([np.arange(num_seeds), np.full(num_seeds, 17)], -1).astype(np.int64)
   outs = np.stack(list(tf.data.Dataset.from_tensor_slices(seeds).map(
-      lambda s: image_ops.cutout(tf.constant(image), 1, s)).as_numpy_iterator()))
+      lambda s: geometric_ops.cutout(tf.constant(image), 1, s)).as_numpy_iterator()))
   covered = outs[..., 0] == _FILL
   rows_hit = covered.any(axis=2)
   cols_hit = covered.any(axis=1)
   center_y = height - 1 - np.argmax(rows_hit[:, ::-1], axis=1)
   center_x = width - 1 - np.argmax(cols_hit[:, ::-1], axis=1)
   for k in (0, 1, num_seeds - 1):  # The square is the one cutout_at draws at that centre.
-    expected = image_ops.cutout_at(tf.constant(image), center_y[k], center_x[k], 1).numpy()
+    expected = geometric_ops.cutout_at(tf.constant(image), center_y[k], center_x[k], 1).numpy()
     np.testing.assert_array_equal(outs[k], expected)
-    np.testing.assert_array_equal(image_ops.cutout(tf.constant(image), 1, seeds[k]).numpy(),
+    np.testing.assert_array_equal(geometric_ops.cutout(tf.constant(image), 1, seeds[k]).numpy(),
                                   outs[k])
   joint = np.bincount(center_y * width + center_x, minlength=height * width)
   expected_count = num_seeds / (height * width)
@@ -275,11 +275,11 @@ def test_posterize_floor_of_one_bit_is_what_the_reference_shift_does():
 
 
 @pytest.mark.parametrize("name,level,plain", [
-    ("TranslateX", 1, lambda t, a: image_ops.translate_x(t, a)),
-    ("TranslateY", 1, lambda t, a: image_ops.translate_y(t, a)),
-    ("Rotate", 3, lambda t, a: image_ops.rotate(t, a)),
-    ("ShearX", 5, lambda t, a: image_ops.shear_x(t, a)),
-    ("ShearY", 5, lambda t, a: image_ops.shear_y(t, a)),
+    ("TranslateX", 1, lambda t, a: geometric_ops.translate_x(t, a)),
+    ("TranslateY", 1, lambda t, a: geometric_ops.translate_y(t, a)),
+    ("Rotate", 3, lambda t, a: geometric_ops.rotate(t, a)),
+    ("ShearX", 5, lambda t, a: geometric_ops.shear_x(t, a)),
+    ("ShearY", 5, lambda t, a: geometric_ops.shear_y(t, a)),
 ])
 def test_signed_ops_negate_half_the_time(name, level, plain):
   """apply_op gives the op at +arg or -arg, each for about half the seeds, and nothing else."""

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from conadv_jax.data import datasets, image_ops
+from conadv_jax.data import datasets, geometric_ops, image_ops
 
 # The top of the level scale. Its one definition is in the registry, which imports no TensorFlow,
 # so config validation can bound config.randaugment_magnitude before TensorFlow is loaded.
@@ -152,18 +152,18 @@ def _apply_with_arg(image: tf.Tensor, name: str, arg: Number | None, seed: tf.Te
     arg = tf.cast(arg, tf.float64)
     arg = tf.where(tf.random.stateless_uniform([], seed) < 0.5, -arg, arg)
   if name == "Cutout":
-    return image_ops.cutout(image, arg, seed)
+    return geometric_ops.cutout(image, arg, seed)
   if name in ("AutoContrast", "Equalize", "Invert", "Identity") or (
       name == "Color" and image.shape[-1] == 1):
     return {"AutoContrast": image_ops.autocontrast, "Equalize": image_ops.equalize,
             "Invert": image_ops.invert}.get(name, image_ops.identity)(image)
   ops: dict[str, Callable[[tf.Tensor, Number], tf.Tensor]] = {
-      "Rotate": image_ops.rotate, "Posterize": image_ops.posterize,
+      "Rotate": geometric_ops.rotate, "Posterize": image_ops.posterize,
       "Solarize": image_ops.solarize, "SolarizeAdd": image_ops.solarize_add,
       "Color": image_ops.color, "Contrast": image_ops.contrast,
       "Brightness": image_ops.brightness, "Sharpness": image_ops.sharpness,
-      "ShearX": image_ops.shear_x, "ShearY": image_ops.shear_y,
-      "TranslateX": image_ops.translate_x, "TranslateY": image_ops.translate_y,
+      "ShearX": geometric_ops.shear_x, "ShearY": geometric_ops.shear_y,
+      "TranslateX": geometric_ops.translate_x, "TranslateY": geometric_ops.translate_y,
   }
   return ops[name](image, arg)
 
