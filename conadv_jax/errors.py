@@ -4,6 +4,7 @@ Every error about the command line, the config, the workdir, the data or a check
 user must act on derives from `UserError`, so the entry point catches one type and exits with
 status 2. Bugs stay ordinary exceptions with tracebacks.
 """
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,6 +32,11 @@ def check_value(field: str, value: Any, ok: Callable[[Any], bool], allowed: str)
     passed = False
   if not passed:
     raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
+
+
+def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+  """(check, what is allowed) for check_value: a finite number >= `low`."""
+  return (lambda v: math.isfinite(v) and v >= low), f"it must be a finite >= {low}"
 
 
 def stop_together(work: Callable[[], T], what: str) -> T:

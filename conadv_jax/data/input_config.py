@@ -5,7 +5,6 @@ functions below it take the few values they need instead of the whole ConfigDict
 no TensorFlow: config validation uses it to check the data fields before anything is loaded.
 """
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,10 +14,6 @@ from conadv_jax.data import datasets
 # (check, what is allowed); the text may be a function, for a registry's names read at each check.
 Check = tuple[Callable[[Any], bool], str | Callable[[], str]]
 _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
-
-
-def _at_least(low: int) -> Check:
-  return (lambda v: math.isfinite(v) and v >= low), f"it must be a finite >= {low}"
 
 
 _ANY: Check = ((lambda v: True), "")
@@ -32,20 +27,20 @@ FIELD_RULES: dict[str, tuple[tuple[type, ...], Check]] = {
     "image_size": (_INT, ((lambda v: 0 <= v <= 4096),
                           "use 0 (the dataset's native size) or a side in pixels up to 4096")),
     "cache": (_BOOL, _ANY),
-    "shuffle_buffer_size": (_INT, _at_least(1)),
+    "shuffle_buffer_size": (_INT, errors.at_least(1)),
     "augment": (_BOOL, _ANY),
     "aug_branch": (_STR, ((lambda v: v in datasets.AUG_BRANCHES),
                           f"choose one of {', '.join(datasets.AUG_BRANCHES)}")),
-    "randaugment_num_layers": (_INT, _at_least(0)),
+    "randaugment_num_layers": (_INT, errors.at_least(0)),
     "randaugment_magnitude": (_FLOAT, (
         (lambda v: 0 <= v <= datasets.RANDAUGMENT_MAX_MAGNITUDE),
         f"it must be in [0, {datasets.RANDAUGMENT_MAX_MAGNITUDE:g}]")),
-    "eval_batch_size": (_INT, _at_least(1)),
-    "batch_size": (_INT, _at_least(1)),
-    "seed": (_INT, _at_least(0)),
-    "synthetic_num_examples": (_INT, _at_least(1)),
-    "synthetic_num_classes": (_INT, _at_least(2)),
-    "prefetch_to_device": (_INT, _at_least(0)),
+    "eval_batch_size": (_INT, errors.at_least(1)),
+    "batch_size": (_INT, errors.at_least(1)),
+    "seed": (_INT, errors.at_least(0)),
+    "synthetic_num_examples": (_INT, errors.at_least(1)),
+    "synthetic_num_classes": (_INT, errors.at_least(2)),
+    "prefetch_to_device": (_INT, errors.at_least(0)),
 }
 
 

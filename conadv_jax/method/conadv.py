@@ -22,7 +22,6 @@ t+τ and task A takes the gradient on micro-batch i of batch t; the gradients, m
 running averages are averaged and θ is updated once.
 """
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -76,8 +75,7 @@ class MethodConfig:
                        lambda v: self.method != "conadv" or v >= 1,
                        "conadv needs staleness >= 1 (staleness 0 is method='disadv')")
     for field in ("clean_weight", "adv_weight"):
-      errors.check_value(field, getattr(self, field), lambda v: math.isfinite(v) and v >= 0,
-                         "it must be a finite >= 0")
+      errors.check_value(field, getattr(self, field), *errors.at_least(0))
     errors.check_value("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1,
                        "it must be in [0, 1)")
     errors.check_value("loss_weighting", self.loss_weighting, lambda v: v in LOSS_WEIGHTINGS,

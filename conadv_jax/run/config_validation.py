@@ -8,9 +8,6 @@ field only the loop reads (LOOP_FIELD_RULES). Unknown fields and wrong types are
 locked, type-safe ConfigDict. So a new field needs configs/default.py and its reader, plus a
 LOOP_FIELD_RULES entry if only the loop reads it and it has a range.
 """
-import math
-from collections.abc import Callable
-
 import ml_collections
 
 from conadv_jax import errors
@@ -18,23 +15,19 @@ from conadv_jax.data import datasets, input_config
 from conadv_jax.method import experiment, models, optim, parallel, split_layout
 
 
-def _at_least(low: int) -> tuple[Callable[[float], bool], str]:
-  return (lambda v: math.isfinite(v) and v >= low), f"it must be a finite >= {low}"
-
-
 # Fields that only run/ reads (the loop, evaluate.py), with no dataclass of their own.
 LOOP_FIELD_RULES = {
-    "log_every_steps": _at_least(1),
+    "log_every_steps": errors.at_least(1),
     "eval_every_steps": ((lambda v: v == -1 or v > 0), "use -1 (once per epoch) or > 0"),
-    "checkpoint_every_steps": _at_least(1),
+    "checkpoint_every_steps": errors.at_least(1),
     "keep_checkpoints": ((lambda v: v >= 1), "at least 1 checkpoint must be kept, or a "
                          "preempted run could not resume"),
-    "eval_pgd_steps": _at_least(0),
-    "eval_pgd_epsilon": _at_least(0),
-    "sharpness_num_examples": _at_least(0),
-    "sharpness_iterations": _at_least(1),
-    "fifo_memory_limit_gib": _at_least(0),
-    "profile_steps": _at_least(0),
+    "eval_pgd_steps": errors.at_least(0),
+    "eval_pgd_epsilon": errors.at_least(0),
+    "sharpness_num_examples": errors.at_least(0),
+    "sharpness_iterations": errors.at_least(1),
+    "fifo_memory_limit_gib": errors.at_least(0),
+    "profile_steps": errors.at_least(0),
 }
 
 
